@@ -1,0 +1,66 @@
+# sparse_engine: `make test` and `make demo` set everything up on a fresh machine.
+#
+# Without an active virtual environment, a .venv is created here. Pinned versions are those the
+# project is tested with; torch 2.11-2.13 and Triton 3.6-3.9 are supported.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+DEPS := triton==3.9.0 numpy==2.4.6 pybind11==3.1.0 pytest==9.2.0 tqdm==4.70.1 matplotlib==3.11.2 \
+        ninja==1.13.2 setuptools==84.2.1 wheel
+DATA_DIR ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+ifdef VIRTUAL_ENV
+PY := python
+ENV_STAMP := $(VIRTUAL_ENV)/.sparse_engine-deps
+else
+PY := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.sparse_engine-deps
+endif
+BUILD_STAMP := $(dir $(ENV_STAMP)).sparse_engine-build
+SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup test demo bench data clean
+
+setup: $(BUILD_STAMP)
+
+$(ENV_STAMP):
+ifndef VIRTUAL_ENV
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+endif
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+$(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
+	  $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; nothing is downloaded at run time.
+data:
+	@if [ -n "$(DATA_DIR)" ] || [ -n "$$SPARSE_ENGINE_DATA" ] \
+	    || [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	    echo "Fashion-MNIST not found and apt is not available: put the IDX files in a directory and run"; \
+	    echo "  make demo DATA_DIR=/path/to/fashion-mnist   (the demo's --data-dir option)"; exit 1; \
+	fi
+
+demo: setup data
+	$(PY) -m sparse_engine.demo $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(DEMO_ARGS)
+
+bench: setup
+	$(PY) bench/bench_masked_linear.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build build-cmake *.egg-info sparse_engine/_C*.so $(BUILD_STAMP)

@@ -1,0 +1,11 @@
+"""``torch.library`` custom ops (``sparse_engine::*``) with their CPU/CUDA kernels and ``*_ref``
+references in plain torch."""
+from sparse_engine.ops.mask_pack import pack_mask, pack_mask_ref, unpack_mask, unpack_mask_ref
+from sparse_engine.ops.masked_conv2d import masked_conv2d, masked_conv2d_ref
+from sparse_engine.ops.masked_linear import masked_linear, masked_linear_ref
+
+__all__ = [
+    "pack_mask", "pack_mask_ref", "unpack_mask", "unpack_mask_ref",
+    "masked_linear", "masked_linear_ref",
+    "masked_conv2d", "masked_conv2d_ref",
+]

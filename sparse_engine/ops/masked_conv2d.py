@@ -1,0 +1,188 @@
+"""``sparse_engine::masked_conv2d``: ``conv2d(x, W*M) + b`` over a bit-packed mask M.
+
+CUDA runs implicit-GEMM Triton kernels (``kernels/masked_conv2d.py``) that apply the mask to
+weight tiles in registers, so W*M never exists in device memory. The CPU kernel is plain torch:
+it builds W*M as a temporary for the call (convolution weights are small next to activations)
+and frees it; autograd still saves only x, W and the packed mask.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_engine.ops.mask_pack import unpack_mask, unpack_mask_ref
+from sparse_engine.ops.masked_linear import check_bias, check_masked_weight
+
+
+def _pair(v, name: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    return v
+
+
+def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None,
+                  stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv2d(x, W*M, bias, stride, padding, dilation, groups)`` without materialising W*M on GPU.
+
+    Args:
+        x: ``(N, C, H, W)`` (or unbatched ``(C, H, W)``), float16/bfloat16/float32 (float64 on CPU).
+        weight: ``(Co, C/groups, KH, KW)``, same dtype/device as ``x``.
+        mask_bits: ``int32 (Co, ceil(C/groups*KH*KW/32))`` from :func:`sparse_engine.pack_mask`.
+        bias: ``(Co,)`` or None.
+        stride, padding, dilation: int or pair of ints (zero padding; use ``SparseConv2d`` for the
+            other padding modes and for ``"same"``/``"valid"``).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    check_masked_weight(weight, mask_bits, x.device)
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected shape (out_channels, in_channels/groups, kH, kW), got {tuple(weight.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"groups: expected a positive int dividing out_channels={weight.shape[0]}, got {groups!r}")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"x: expected shape (N, {weight.shape[1] * groups}, H, W), got {tuple(x.shape)}")
+    check_bias(bias, weight.shape[0], x.dtype, x.device)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride/dilation must be >= 1 and padding >= 0, got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    for i, name in enumerate(("height", "width")):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding[i] < span:
+            raise ValueError(f"x: padded input {name} {x.shape[2 + i] + 2 * padding[i]} is smaller than the "
+                             f"kernel's span {span}")
+    y = torch.ops.sparse_engine.masked_conv2d(x, weight, mask_bits, bias, stride, padding, dilation, groups)
+    return y.squeeze(0) if unbatched else y
+
+
+def masked_conv2d_ref(x, weight, mask_bits, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Readable reference: materialises W*M and calls ``F.conv2d`` (run it in float64)."""
+    mask = unpack_mask_ref(mask_bits, weight.shape)
+    return F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)
+
+
+def _use_tf32() -> bool:
+    # cuDNN's flag, which is what F.conv2d on a GPU obeys.
+    return torch.backends.cudnn.allow_tf32
+
+
+def _masked_weight_cpu(weight, mask_bits):
+    return weight * unpack_mask(mask_bits, weight.shape)
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparse_engine::masked_conv2d", mutates_args=())
+def _masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor], stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    raise NotImplementedError(f"sparse_engine::masked_conv2d has no kernel for device '{x.device.type}'")
+
+
+@_masked_conv2d.register_kernel("cpu")
+def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
+    return F.conv2d(x, _masked_weight_cpu(weight, mask_bits), bias, stride, padding, dilation, groups)
+
+
+@_masked_conv2d.register_kernel("cuda")
+def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
+    from sparse_engine.kernels.masked_conv2d import masked_conv2d_fwd
+    return masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, groups,
+                             allow_tf32=_use_tf32())
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@_masked_conv2d.register_fake
+def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
+    oh = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    ow = _out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+
+
+# ---- backward: dX --------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparse_engine::masked_conv2d_grad_input", mutates_args=())
+def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor, x_shape: list[int], stride: list[int],
+                padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    raise NotImplementedError(f"sparse_engine::masked_conv2d_grad_input has no kernel for '{dy.device.type}'")
+
+
+@_grad_input.register_kernel("cpu")
+def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
+    return torch.nn.grad.conv2d_input(x_shape, _masked_weight_cpu(weight, mask_bits), dy, stride, padding,
+                                      dilation, groups)
+
+
+@_grad_input.register_kernel("cuda")
+def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
+    from sparse_engine.kernels.masked_conv2d import masked_conv2d_bwd_input
+    return masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups,
+                                   allow_tf32=_use_tf32())
+
+
+@_grad_input.register_fake
+def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
+    return dy.new_empty(x_shape)
+
+
+# ---- backward: dW = conv2d_weight(x, dY) * M -----------------------------------------------------
+
+@torch.library.custom_op("sparse_engine::masked_conv2d_grad_weight", mutates_args=())
+def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[int], stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    raise NotImplementedError(f"sparse_engine::masked_conv2d_grad_weight has no kernel for '{dy.device.type}'")
+
+
+@_grad_weight.register_kernel("cpu")
+def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
+    dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation, groups)
+    return dw.masked_fill_(~unpack_mask(mask_bits, weight_shape), 0)
+
+
+@_grad_weight.register_kernel("cuda")
+def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
+    from sparse_engine.kernels.masked_conv2d import masked_conv2d_bwd_weight
+    return masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups,
+                                    allow_tf32=_use_tf32())
+
+
+@_grad_weight.register_fake
+def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
+    return dy.new_empty(weight_shape)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    x, weight, mask_bits, bias, stride, padding, dilation, groups = inputs
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.x_shape = list(x.shape)
+    ctx.weight_shape = list(weight.shape)
+    ctx.save_for_backward(x, weight, mask_bits)
+
+
+def _backward(ctx, dy):
+    x, weight, mask_bits = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.sparse_engine.masked_conv2d_grad_input(dy, weight, mask_bits, ctx.x_shape, *ctx.conv)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.sparse_engine.masked_conv2d_grad_weight(dy, x, mask_bits, ctx.weight_shape, *ctx.conv)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = dy.sum((0, 2, 3))
+    return dx, dw, None, db, None, None, None, None
+
+
+_masked_conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,88 @@
+"""The Fashion-MNIST IDX loader and the demo, on small IDX files written by the test (the real
+data set is used by `make demo`; the last test reads it when it is installed)."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_engine.data import load_fashion_mnist
+from sparse_engine.data.fashion_mnist import DEFAULT_DIRS, read_idx
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def make_dataset(root: Path, n_train=300, n_test=100, gz=True, seed=0) -> Path:
+    """Images whose mean brightness encodes the class, so a model can learn something."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = np.clip(rng.normal(labels[:, None, None] * 25.0, 20.0, (n, 28, 28)), 1, 255)
+        write_idx(root / f"{split}-images-idx3-ubyte", images, gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels, gz)
+    return root
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+def test_load_idx(tmp_path, gz):
+    root = make_dataset(tmp_path / "d", gz=gz)
+    x, y = load_fashion_mnist("train", root, normalize=False)
+    assert x.shape == (300, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (300,) and y.dtype == torch.int64
+    raw = read_idx(root / ("train-images-idx3-ubyte" + (".gz" if gz else "")))
+    assert torch.equal(x[:, 0], torch.from_numpy(raw.astype(np.float32) / 255))
+    xt, _ = load_fashion_mnist("test", root)
+    assert xt.shape == (100, 1, 28, 28)
+
+
+def test_missing_data_names_the_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_fashion_mnist("train", tmp_path)
+    with pytest.raises(ValueError, match="split: expected one of"):
+        load_fashion_mnist("valid", tmp_path)
+
+
+def test_corrupt_idx(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", np.ones((2, 3)), gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="header says shape"):
+        read_idx(tmp_path / "short")
+
+
+def test_demo_runs_and_prunes_exactly(tmp_path, capsys):
+    from sparse_engine.demo import main
+    root = make_dataset(tmp_path / "data", n_train=512, n_test=128)
+    rows = main(["--data-dir", str(root), "--epochs", "1", "--retrain-epochs", "1", "--sparsities", "0.5", "0.9",
+                 "--out", str(tmp_path / "out")])
+    assert [r["method"] for r in rows] == ["dense", "global magnitude + retrain", "global magnitude + retrain"]
+    n = 784 * 300 + 300 * 100 + 100 * 10
+    for r, s in zip(rows[1:], (0.5, 0.9)):
+        assert r["sparsity"] == round(s * n) / n
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"] == rows
+    assert "| sparsity |" in capsys.readouterr().out
+
+
+def test_demo_reports_missing_data(tmp_path):
+    from sparse_engine.demo import main
+    with pytest.raises(SystemExit, match="--data-dir"):
+        main(["--data-dir", str(tmp_path)])
+
+
+@pytest.mark.skipif(not Path(DEFAULT_DIRS[0]).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist():
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10000, 1, 28, 28) and set(y.unique().tolist()) == set(range(10))
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
