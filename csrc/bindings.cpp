@@ -1,0 +1,271 @@
+// sparse_engine._C: the one file with torch glue. It checks arguments, then dispatches on the
+// tensors' device to the CPU kernels (csrc/cpu) or to the torch-free CUDA launchers (csrc/cuda),
+// which get raw pointers, strides, a dtype enum and torch's current CUDA stream.
+//
+// Mask format (see the contract): mask_bits is int32 (rows, ceil(cols / 32)); bit j of word w of
+// row r is the keep-flag of element (r, 32*w + j).
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "cpu/mask_bits.h"
+#include "cpu/masked_linear.h"
+
+#ifdef SPARSE_ENGINE_WITH_CUDA
+// c10's stream header rather than ATen/cuda/CUDAContext.h, which also pulls in cuBLAS and
+// cuSPARSE headers that a minimal CUDA toolkit lacks.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/mask_bits.h"
+#include "cuda/masked_linear.h"
+#endif
+
+namespace {
+
+#ifdef SPARSE_ENGINE_WITH_CUDA
+constexpr bool kCudaBuilt = true;
+#else
+constexpr bool kCudaBuilt = false;
+#endif
+
+int64_t mask_words(int64_t cols) { return (cols + 31) / 32; }
+
+void check_device(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU or CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(kCudaBuilt || !t.is_cuda(), op, ": ", name, " is a CUDA tensor, but sparse_engine was built without ",
+              "its CUDA kernels (build with a CUDA build of torch and nvcc on the path; SPARSE_ENGINE_CUDA=1 makes ",
+              "the build fail instead of skipping them)");
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
+                       const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+void check_matrix(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* name, const char* op) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ",
+              name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
+                      const char* op) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// Checks that mask_bits packs the mask of a (rows, cols) weight and returns it contiguous.
+at::Tensor checked_mask_bits(const at::Tensor& bits, const at::Tensor& ref, const char* ref_name, int64_t rows,
+                             int64_t cols, const char* op) {
+  check_same_device(bits, "mask_bits", ref, ref_name, op);
+  TORCH_CHECK(bits.scalar_type() == at::kInt, op, ": mask_bits must be int32 (as made by pack_mask), got ",
+              bits.scalar_type());
+  TORCH_CHECK(bits.dim() == 2 && bits.size(0) == rows && bits.size(1) == mask_words(cols), op,
+              ": mask_bits must have shape (", rows, ", ", mask_words(cols), ") to mask a (", rows, ", ", cols,
+              ") weight, got shape ", bits.sizes());
+  return bits.contiguous();
+}
+
+#ifdef SPARSE_ENGINE_WITH_CUDA
+namespace cuda_path {
+
+namespace kernels = sparse_engine::cuda;
+
+kernels::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kernels::DType::kFloat32;
+    case at::kDouble: return kernels::DType::kFloat64;
+    case at::kHalf: return kernels::DType::kFloat16;
+    case at::kBFloat16: return kernels::DType::kBFloat16;
+    default: TORCH_CHECK(false, "sparse_engine: no CUDA kernel for dtype ", t.scalar_type());
+  }
+}
+
+kernels::MatrixRef matrix_ref(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(0), t.stride(1)}; }
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor pack_mask(const at::Tensor& mask) {
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const int64_t rows = mask.size(0), cols = mask.size(1);
+  at::Tensor bits = at::empty({rows, mask_words(cols)}, mask.options().dtype(at::kInt));
+  check_launch(kernels::pack_mask(static_cast<const uint8_t*>(mask.const_data_ptr()), rows, cols, mask.stride(0),
+                                  mask.stride(1), bits.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()),
+               "pack_mask");
+  return bits;
+}
+
+at::Tensor unpack_mask(const at::Tensor& bits, int64_t cols) {
+  const c10::cuda::CUDAGuard guard(bits.device());
+  at::Tensor mask = at::empty({bits.size(0), cols}, bits.options().dtype(at::kBool));
+  check_launch(kernels::unpack_mask(bits.const_data_ptr<int32_t>(), bits.size(0), cols,
+                                    static_cast<uint8_t*>(mask.data_ptr()), c10::cuda::getCurrentCUDAStream()),
+               "unpack_mask");
+  return mask;
+}
+
+at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bits,
+                             const std::optional<at::Tensor>& bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  check_launch(kernels::masked_linear_fwd(dtype_of(x), matrix_ref(x), matrix_ref(weight), bits.const_data_ptr<int32_t>(),
+                                          b.defined() ? b.const_data_ptr() : nullptr, y.data_ptr(), M, N, K,
+                                          c10::cuda::getCurrentCUDAStream()),
+               "masked_linear_fwd");
+  return y;
+}
+
+at::Tensor masked_linear_bwd_input(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& bits) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t M = dy.size(0), N = weight.size(0), K = weight.size(1);
+  at::Tensor dx = at::empty({M, K}, dy.options());
+  check_launch(kernels::masked_linear_bwd_input(dtype_of(dy), matrix_ref(dy), matrix_ref(weight),
+                                                bits.const_data_ptr<int32_t>(), dx.data_ptr(), M, N, K,
+                                                c10::cuda::getCurrentCUDAStream()),
+               "masked_linear_bwd_input");
+  return dx;
+}
+
+at::Tensor masked_linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& bits) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+  at::Tensor dw = at::empty({N, K}, x.options());
+  check_launch(kernels::masked_linear_bwd_weight(dtype_of(x), matrix_ref(dy), matrix_ref(x),
+                                                 bits.const_data_ptr<int32_t>(), dw.data_ptr(), M, N, K,
+                                                 c10::cuda::getCurrentCUDAStream()),
+               "masked_linear_bwd_weight");
+  return dw;
+}
+
+}  // namespace cuda_path
+#endif  // SPARSE_ENGINE_WITH_CUDA
+
+at::Tensor pack_mask(const at::Tensor& mask) {
+  constexpr const char* op = "pack_mask";
+  check_device(mask, "mask", op);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be torch.bool, got ", mask.scalar_type());
+  check_matrix(mask, "mask", op);
+#ifdef SPARSE_ENGINE_WITH_CUDA
+  if (mask.is_cuda()) return cuda_path::pack_mask(mask);
+#endif
+  const int64_t rows = mask.size(0), cols = mask.size(1);
+  at::Tensor bits = at::empty({rows, mask_words(cols)}, mask.options().dtype(at::kInt));
+  sparse_engine::cpu::pack_mask(static_cast<const uint8_t*>(mask.const_data_ptr()), rows, cols, mask.stride(0),
+                                mask.stride(1), bits.data_ptr<int32_t>());
+  return bits;
+}
+
+at::Tensor unpack_mask(const at::Tensor& mask_bits, int64_t cols) {
+  constexpr const char* op = "unpack_mask";
+  check_device(mask_bits, "mask_bits", op);
+  TORCH_CHECK(cols >= 0, op, ": cols must be >= 0, got ", cols);
+  TORCH_CHECK(mask_bits.scalar_type() == at::kInt, op, ": mask_bits must be int32 (as made by pack_mask), got ",
+              mask_bits.scalar_type());
+  TORCH_CHECK(mask_bits.dim() == 2 && mask_bits.size(1) == mask_words(cols), op,
+              ": mask_bits must have shape (rows, ", mask_words(cols), ") for cols=", cols, ", got shape ",
+              mask_bits.sizes());
+  const at::Tensor bits = mask_bits.contiguous();
+#ifdef SPARSE_ENGINE_WITH_CUDA
+  if (bits.is_cuda()) return cuda_path::unpack_mask(bits, cols);
+#endif
+  at::Tensor mask = at::empty({bits.size(0), cols}, bits.options().dtype(at::kBool));
+  sparse_engine::cpu::unpack_mask(bits.const_data_ptr<int32_t>(), bits.size(0), cols,
+                                  static_cast<uint8_t*>(mask.data_ptr()));
+  return mask;
+}
+
+at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_bits,
+                             const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "masked_linear_fwd";
+  check_device(x, "x", op);
+  check_matrix(x, "x", op);
+  check_matrix(weight, "weight", op);
+  check_float(x, "x", op);
+  check_same_dtype(weight, "weight", x, "x", op);
+  check_same_device(weight, "weight", x, "x", op);
+  const int64_t K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, op, ": weight must have shape (N, ", K, ") for x of shape ", x.sizes(),
+              ", got shape ", weight.sizes());
+  const at::Tensor bits = checked_mask_bits(mask_bits, x, "x", N, K, op);
+  if (bias.has_value()) {
+    check_same_device(*bias, "bias", x, "x", op);
+    check_same_dtype(*bias, "bias", x, "x", op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, ",), got shape ",
+                bias->sizes());
+  }
+#ifdef SPARSE_ENGINE_WITH_CUDA
+  if (x.is_cuda()) return cuda_path::masked_linear_fwd(x, weight, bits, bias);
+#endif
+  return sparse_engine::cpu::masked_linear_fwd(x, weight, bits, bias);
+}
+
+at::Tensor masked_linear_bwd_input(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& mask_bits) {
+  constexpr const char* op = "masked_linear_bwd_input";
+  check_device(dy, "dy", op);
+  check_matrix(dy, "dy", op);
+  check_matrix(weight, "weight", op);
+  check_float(dy, "dy", op);
+  check_same_dtype(weight, "weight", dy, "dy", op);
+  check_same_device(weight, "weight", dy, "dy", op);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(dy.size(1) == N, op, ": dy must have shape (M, ", N, ") for weight of shape ", weight.sizes(),
+              ", got shape ", dy.sizes());
+  const at::Tensor bits = checked_mask_bits(mask_bits, dy, "dy", N, K, op);
+#ifdef SPARSE_ENGINE_WITH_CUDA
+  if (dy.is_cuda()) return cuda_path::masked_linear_bwd_input(dy, weight, bits);
+#endif
+  return sparse_engine::cpu::masked_linear_bwd_input(dy, weight, bits);
+}
+
+at::Tensor masked_linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask_bits) {
+  constexpr const char* op = "masked_linear_bwd_weight";
+  check_device(dy, "dy", op);
+  check_matrix(dy, "dy", op);
+  check_matrix(x, "x", op);
+  check_float(x, "x", op);
+  check_same_dtype(dy, "dy", x, "x", op);
+  check_same_device(x, "x", dy, "dy", op);
+  TORCH_CHECK(x.size(0) == dy.size(0), op, ": x and dy must have the same number of rows, got shapes ", x.sizes(),
+              " and ", dy.sizes());
+  const int64_t N = dy.size(1), K = x.size(1);
+  const at::Tensor bits = checked_mask_bits(mask_bits, dy, "dy", N, K, op);
+#ifdef SPARSE_ENGINE_WITH_CUDA
+  if (dy.is_cuda()) return cuda_path::masked_linear_bwd_weight(dy, x, bits);
+#endif
+  return sparse_engine::cpu::masked_linear_bwd_weight(dy, x, bits);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparse_engine's compiled kernels: mask bit packing and masked_linear, on CPU (OpenMP) and CUDA.";
+  // The kernels touch no Python objects, so other Python threads may run meanwhile.
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+
+  m.def("pack_mask", &pack_mask, release_gil(), py::arg("mask"),
+        "pack_mask(mask: bool (R, C), any strides) -> int32 (R, ceil(C / 32)), on mask's device.");
+  m.def("unpack_mask", &unpack_mask, release_gil(), py::arg("mask_bits"), py::arg("cols"),
+        "unpack_mask(mask_bits: int32 (R, ceil(cols / 32)), cols: int) -> bool (R, cols).");
+  m.def("masked_linear_fwd", &masked_linear_fwd, release_gil(), py::arg("x"), py::arg("weight"),
+        py::arg("mask_bits"), py::arg("bias") = py::none(),
+        "masked_linear_fwd(x (M, K), weight (N, K), mask_bits (N, ceil(K / 32)), bias (N,) or None) -> "
+        "x @ (W*M)^T + bias, (M, N), dtype of x.");
+  m.def("masked_linear_bwd_input", &masked_linear_bwd_input, release_gil(), py::arg("dy"), py::arg("weight"),
+        py::arg("mask_bits"),
+        "masked_linear_bwd_input(dy (M, N), weight (N, K), mask_bits (N, ceil(K / 32))) -> dy @ (W*M), (M, K).");
+  m.def("masked_linear_bwd_weight", &masked_linear_bwd_weight, release_gil(), py::arg("dy"), py::arg("x"),
+        py::arg("mask_bits"),
+        "masked_linear_bwd_weight(dy (M, N), x (M, K), mask_bits (N, ceil(K / 32))) -> (dy^T @ x) * M, (N, K), "
+        "pruned entries exact zeros.");
+  m.def("cuda_built", [] { return kCudaBuilt; }, "True if the CUDA kernels were compiled into this build.");
+}

@@ -1,0 +1,44 @@
+#include "mask_bits.h"
+
+#include <algorithm>
+
+namespace sparse_engine::cpu {
+namespace {
+
+// Below this many words a parallel region costs more than the work it splits.
+constexpr int64_t kParallelWords = 1 << 12;
+
+}  // namespace
+
+void pack_mask(const uint8_t* mask, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
+               int32_t* bits) {
+  const int64_t words_per_row = (cols + 31) / 32;
+  const int64_t total = rows * words_per_row;
+  // One flat loop over all words, so a single long row is split over threads as well.
+#pragma omp parallel for schedule(static) if (total >= kParallelWords)
+  for (int64_t i = 0; i < total; ++i) {
+    const int64_t r = i / words_per_row;
+    const int64_t c0 = (i % words_per_row) * 32;
+    const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
+    const uint8_t* src = mask + r * stride_row + c0 * stride_col;
+    uint32_t word = 0;
+    for (int j = 0; j < n; ++j) word |= static_cast<uint32_t>(src[j * stride_col] != 0) << j;
+    bits[i] = static_cast<int32_t>(word);
+  }
+}
+
+void unpack_mask(const int32_t* bits, int64_t rows, int64_t cols, uint8_t* mask) {
+  const int64_t words_per_row = (cols + 31) / 32;
+  const int64_t total = rows * words_per_row;
+#pragma omp parallel for schedule(static) if (total >= kParallelWords)
+  for (int64_t i = 0; i < total; ++i) {
+    const int64_t r = i / words_per_row;
+    const int64_t c0 = (i % words_per_row) * 32;
+    const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
+    const uint32_t word = static_cast<uint32_t>(bits[i]);
+    uint8_t* dst = mask + r * cols + c0;
+    for (int j = 0; j < n; ++j) dst[j] = static_cast<uint8_t>((word >> j) & 1u);
+  }
+}
+
+}  // namespace sparse_engine::cpu

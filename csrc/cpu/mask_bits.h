@@ -1,0 +1,18 @@
+// Bit packing of masks on the CPU, in the contract's layout: bit j (LSB first) of word w of row r
+// is the keep-flag of element (r, 32*w + j); padding bits past `cols` are 0.
+// Torch-free, so the CMake build compiles it without finding Torch.
+#pragma once
+
+#include <cstdint>
+
+namespace sparse_engine::cpu {
+
+// mask: (rows, cols) bytes (torch.bool, nonzero = kept) at element strides stride_row /
+// stride_col. bits: contiguous int32 (rows, ceil(cols / 32)), every word written.
+void pack_mask(const uint8_t* mask, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
+               int32_t* bits);
+
+// bits: contiguous int32 (rows, ceil(cols / 32)). mask: contiguous bytes (rows, cols), 0 or 1.
+void unpack_mask(const int32_t* bits, int64_t rows, int64_t cols, uint8_t* mask);
+
+}  // namespace sparse_engine::cpu
