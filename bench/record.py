@@ -1,0 +1,86 @@
+"""Where benchmark results go, shared by the benchmarks in bench/.
+
+Every row carries the run's metadata (device, versions, git sha, date), so rows appended to a
+device's ``<bench>_<device-slug>.jsonl`` over months stay comparable; the markdown table beside
+it is rewritten by each run and shows that run only.
+"""
+import datetime
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str:
+    """Short sha of HEAD, with ``-dirty`` when the work tree has changes; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: torch.device) -> str:
+    name = slug(device_name(device))
+    return name if device.type == "cuda" else f"cpu-{name}"
+
+
+def run_metadata(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+    }
+
+
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[dict], Optional[str]]]]) -> str:
+    """A markdown table with one line per row; ``columns`` are (header, cell function) pairs and a
+    cell function returning None shows as an em dash."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [cell(row) for _, cell in columns]
+        lines.append("| " + " | ".join("—" if c is None else c for c in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Timers shared by the benchmarks in bench/: the median time of one step after warm-up.
+
+A step is a callable ``step(i)`` that runs the measured work on input set ``i`` of ``n_sets``;
+the timers cycle ``i`` so that consecutive calls read different memory (rotation keeps the L2
+cache from serving weights that a real model would have to read from HBM).
+
+CUDA work is timed on the device (events or graph replays), never by a host clock around
+asynchronous launches; CPU work by ``time.perf_counter``.
+"""
+import gc
+import itertools
+import statistics
+import time
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+Step = Callable[[int], object]
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+class Times(NamedTuple):
+    """Milliseconds per step: the median, and the 20th and 80th percentiles (their spread is the
+    noise against which a difference between two methods must be read)."""
+    median: float
+    p20: float
+    p80: float
+
+    def scaled(self, factor: float) -> "Times":
+        return Times(*(v * factor for v in self))
+
+
+def cuda_events_ms(step: Step, n_sets: int, *, warmup_ms: float = 25, rep_ms: float = 100) -> Times:
+    """Milliseconds of one ``step`` through ``triton.testing.do_bench``.
+
+    do_bench records a pair of events around every call and clears a 256 MB buffer before each,
+    so no call finds its operands in L2. What lies between the events is device time plus any
+    gap in which the GPU waits for the host to launch the next kernel: for steps of a few
+    microseconds of device work the host's launch cost shows, which is what an eager user sees.
+    """
+    from triton.testing import do_bench
+
+    counter = itertools.count()
+    return Times(*do_bench(lambda: step(next(counter) % n_sets), warmup=warmup_ms, rep=rep_ms,
+                           quantiles=list(QUANTILES)))
+
+
+def cuda_graph_ms(step: Step, n_sets: int, calls: int, *, setup: Optional[Callable[[], object]] = None,
+                  warmup_ms: float = 25, rep_ms: float = 100) -> Times:
+    """Milliseconds per step of a CUDA graph that runs ``step(c % n_sets)`` for ``c < calls``.
+
+    For steps of microseconds the host's launch cost would otherwise be the measurement; in the
+    graph the launches are back to back on the device, as in a graph-captured decode loop, and
+    rotating over ``n_sets`` keeps each set's weights out of L2 by the time they come round again.
+
+    ``setup`` runs on the capture stream before the warm-up (a backward step needs its forward
+    there: autograd runs each backward op on the stream of its forward op, and only the capture
+    stream is recorded). Warm-up on that stream also moves autotuning, compilation and library
+    handle creation out of the capture, where they are not allowed. The garbage collector is off
+    during capture: it could finalize a Triton kernel, whose module unload would invalidate the
+    capture (triton.testing.do_bench_cudagraph does the same).
+    """
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        if setup is not None:
+            setup()
+        for i in range(2 * n_sets):
+            step(i % n_sets)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            for c in range(calls):
+                step(c % n_sets)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    torch.cuda.synchronize()
+    return Times(*do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))).scaled(1 / calls)
+
+
+def cpu_median_ms(step: Step, n_sets: int, *, warmup: int = 2, min_reps: int = 5, min_time_s: float = 0.25,
+                  max_reps: int = 200) -> Times:
+    """Milliseconds of one ``step`` on the CPU: at least ``min_reps`` runs and at least
+    ``min_time_s`` seconds of them (capped at ``max_reps``), after ``warmup`` runs."""
+    for i in range(warmup):
+        step(i % n_sets)
+    times = []
+    started = time.perf_counter()
+    for i in itertools.count():
+        if len(times) >= max_reps:
+            break
+        if len(times) >= min_reps and time.perf_counter() - started >= min_time_s:
+            break
+        t0 = time.perf_counter()
+        step(i % n_sets)
+        times.append(time.perf_counter() - t0)
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
+    return Times(statistics.median(times), p20, p80).scaled(1e3)
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int:
+    """Bytes that ``fn`` allocates at its peak beyond what was allocated when it started (what it
+    keeps plus its transients), from the caching allocator's statistics."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
