@@ -91,12 +91,13 @@ def main(argv=None) -> list[dict]:
     print()
     print(f"Fashion-MNIST, MLP 784-300-100-10, device {args.device}, {args.epochs} dense epochs, "
           f"{args.retrain_epochs} retraining epoch(s)")
-    print("| sparsity | acc. after prune | acc. after retrain | prune time (s) | retrain time (s) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| model | sparsity | acc. after prune | final acc. | prune time (s) | (re)training time (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         pruned = "-" if r["acc_pruned"] is None else f"{100 * r['acc_pruned']:.2f}%"
-        print(f"| {100 * r['sparsity']:.1f}% | {pruned} | {100 * r['acc']:.2f}% | {r['prune_s']:.3f} | "
-              f"{r['retrain_s']:.1f} |")
+        train_s = r["train_s"] if r["method"] == "dense" else r["retrain_s"]
+        print(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {pruned} | {100 * r['acc']:.2f}% | "
+              f"{r['prune_s']:.3f} | {train_s:.1f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))

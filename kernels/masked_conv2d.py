@@ -1,0 +1,462 @@
+"""Triton implicit-GEMM kernels for conv2d with a bit-packed weight mask.
+
+Every kernel gathers its GEMM operands from x / dy by index arithmetic (no im2col buffer) and
+applies the mask to weight tiles in registers, so W*M never exists in memory. The weight is viewed
+as (Co, C/groups*KH*KW) in memory order (ci, kh, kw); `mask_bits` is (Co, ceil(that/32)) int32,
+bit j of word w of row r keeping element (r, 32*w + j).
+
+GEMM shapes, per group (groups are a grid axis):
+  forward    y  : M = Nb*OH*OW,  N = Co/g,           K = C/g*KH*KW
+  bwd_input  dx : M = Nb*H*W,    N = C/g,            K = Co/g*KH*KW
+  bwd_weight dw : M = Co/g,      N = C/g*KH*KW,      reduction over Nb*OH*OW (split across a grid axis)
+"""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["masked_conv2d_fwd", "masked_conv2d_bwd_input", "masked_conv2d_bwd_weight"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(gpu_configs, interpreter_config):
+    # The interpreter cannot time kernels, and tiny test shapes want small tiles: one fixed config
+    # (a single-config autotuner launches without benchmarking).
+    if _interpreting():
+        return [triton.Config(interpreter_config, num_warps=1, num_stages=1)]
+    return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tiles)), num_warps=w, num_stages=s)
+            for tiles, w, s in gpu_configs]
+
+
+# Picked from ptxas register reports for sm_90, not from timings (no GPU was at hand). The gather
+# arithmetic is per element, so registers grow with tile size and pipeline depth: beyond 64x64 the
+# tiles get 8 warps. The shallow 2-stage entries are the ones that fit fp32 IEEE, whose dot runs on
+# FMA units and holds whole K-slices in registers.
+_TILES = [((128, 64, 32), 8, 3), ((64, 128, 32), 8, 3), ((64, 64, 64), 8, 3), ((128, 128, 32), 8, 3),
+          ((64, 64, 32), 4, 4), ((64, 32, 32), 4, 4), ((64, 64, 32), 8, 2), ((32, 64, 32), 4, 2)]
+# Forward and bwd_input: M = pixels, N = channels per group.
+_PIXEL_GEMM_CONFIGS = _configs(_TILES, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
+# bwd_weight: M x N is weight-sized, BLOCK_K tiles the Nb*OH*OW reduction.
+_WEIGHT_GEMM_CONFIGS = _configs(_TILES, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
+
+
+@triton.jit
+def _mask_keep(bits_ptr, bits_stride, row, col, ok):
+    """Keep-flags (int1) of weight elements (row, col) where `ok`, False elsewhere."""
+    words = tl.load(bits_ptr + row * bits_stride + (col >> 5), mask=ok, other=0)
+    return ((words >> (col & 31)) & 1) != 0
+
+
+@triton.autotune(configs=_PIXEL_GEMM_CONFIGS, key=["Nb", "OH", "OW", "Cg", "Cog", "KH", "KW"])
+@triton.jit
+def _masked_conv2d_fwd_kernel(
+    x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
+    Nb, H, W, OH, OW, Cg, Cog,
+    sxn, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    syn, syc, syh, syw,
+    bits_stride,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    M = Nb * OH * OW
+    K = Cg * KH * KW
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    n = rm // (OH * OW)
+    p = rm % (OH * OW)
+    oh = p // OW
+    ow = p % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    # int64 for the batch term: n * sxn can pass 2**31 on large activations.
+    x_row = n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc + ih0 * sxh + iw0 * sxw
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < Cog
+    co = g * Cog + rn
+    w_col = co.to(tl.int64) * swo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        ci = rk // (KH * KW)
+        kh = (rk % (KH * KW)) // KW
+        kw = rk % KW
+        ih = ih0[:, None] + (kh * dil_h)[None, :]
+        iw = iw0[:, None] + (kw * dil_w)[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_col = ci * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+        a = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=a_ok, other=0.0)
+
+        b_ok = k_ok[:, None] & n_ok[None, :]
+        w_k = ci * swi + kh * swh + kw * sww
+        w = tl.load(w_ptr + w_col[None, :] + w_k[:, None], mask=b_ok, other=0.0)
+        keep = _mask_keep(bits_ptr, bits_stride, co[None, :], rk[:, None], b_ok)
+        w = tl.where(keep, w, tl.zeros_like(w))
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = (n.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + (co.to(tl.int64) * syc)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=_PIXEL_GEMM_CONFIGS, key=["Nb", "H", "W", "Cg", "Cog", "KH", "KW", "SH", "SW"])
+@triton.jit
+def _masked_conv2d_bwd_input_kernel(
+    dy_ptr, w_ptr, bits_ptr, dx_ptr,
+    Nb, H, W, OH, OW, Cg, Cog,
+    sdn, sdc, sdh, sdw,
+    swo, swi, swh, sww,
+    sxn, sxc, sxh, sxw,
+    bits_stride,
+    pad_h, pad_w, dil_h, dil_w,
+    SH: tl.constexpr, SW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    M = Nb * H * W
+    K = Cog * KH * KW
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    n = rm // (H * W)
+    p = rm % (H * W)
+    ih = p // W
+    iw = p % W
+    dy_row = n.to(tl.int64) * sdn + (g * Cog).to(tl.int64) * sdc
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < Cg
+    ci = rn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        co = rk // (KH * KW)
+        kh = (rk % (KH * KW)) // KW
+        kw = rk % KW
+        # Output pixel oh feeds ih through tap kh iff oh*SH - pad + kh*dil == ih; the test on
+        # t >= 0 comes first so that C (GPU) and floor (interpreter) division agree.
+        th = ih[:, None] + pad_h - (kh * dil_h)[None, :]
+        tw = iw[:, None] + pad_w - (kw * dil_w)[None, :]
+        oh = th // SH
+        ow = tw // SW
+        a_ok = (m_ok[:, None] & k_ok[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
+                & (oh < OH) & (ow < OW))
+        a = tl.load(dy_ptr + dy_row[:, None] + (co * sdc)[None, :] + oh * sdh + ow * sdw, mask=a_ok, other=0.0)
+
+        b_ok = k_ok[:, None] & n_ok[None, :]
+        co_g = g * Cog + co
+        w_k = co_g.to(tl.int64) * swo + kh * swh + kw * sww
+        w = tl.load(w_ptr + w_k[:, None] + (ci * swi)[None, :], mask=b_ok, other=0.0)
+        col = ci[None, :] * (KH * KW) + (kh * KW + kw)[:, None]
+        keep = _mask_keep(bits_ptr, bits_stride, co_g[:, None], col, b_ok)
+        w = tl.where(keep, w, tl.zeros_like(w))
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    dx_off = (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ((g * Cg + ci).to(tl.int64) * sxc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=_WEIGHT_GEMM_CONFIGS, key=["Nb", "OH", "OW", "Cg", "Cog", "KH", "KW", "n_split"])
+@triton.jit
+def _masked_conv2d_bwd_weight_kernel(
+    dy_ptr, x_ptr, bits_ptr, out_ptr,
+    Nb, H, W, OH, OW, Cg, Cog,
+    sdn, sdc, sdh, sdw,
+    sxn, sxc, sxh, sxw,
+    son, sor, soc,
+    bits_stride,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    n_split, split_len,
+    KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2) // n_split
+    split = tl.program_id(2) % n_split
+    R = Nb * OH * OW
+    Kc = Cg * KH * KW
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < Cog
+    co = g * Cog + rm
+    dy_col = co.to(tl.int64) * sdc
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < Kc
+    ci = rn // (KH * KW)
+    kh = (rn % (KH * KW)) // KW
+    kw = rn % KW
+    x_col = (g * Cg + ci).to(tl.int64) * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+
+    r_start = split * split_len
+    r_end = tl.minimum(r_start + split_len, R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        rr = r0 + tl.arange(0, BLOCK_K)
+        r_ok = rr < r_end
+        nb = rr // (OH * OW)
+        p = rr % (OH * OW)
+        oh = p // OW
+        ow = p % OW
+        a_ok = m_ok[:, None] & r_ok[None, :]
+        dy_row = nb.to(tl.int64) * sdn + oh * sdh + ow * sdw
+        a = tl.load(dy_ptr + dy_col[:, None] + dy_row[None, :], mask=a_ok, other=0.0)
+
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        ih = ih0[:, None] + (kh * dil_h)[None, :]
+        iw = iw0[:, None] + (kw * dil_w)[None, :]
+        b_ok = r_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = nb.to(tl.int64) * sxn + ih0 * sxh + iw0 * sxw
+        b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    keep = _mask_keep(bits_ptr, bits_stride, co[:, None], rn[None, :], out_ok)
+    acc = tl.where(keep, acc, tl.zeros_like(acc))
+    out_off = split.to(tl.int64) * son + co.to(tl.int64)[:, None] * sor + rn[None, :] * soc
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _pair(name, value, minimum):
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{name} must be a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both dimensions, got {tuple(value)}")
+    return tuple(value)
+
+
+def _shape4(name, value):
+    if (not isinstance(value, (tuple, list, torch.Size)) or len(value) != 4
+            or not all(isinstance(v, int) and v >= 0 for v in value)):
+        raise ValueError(f"{name} must be 4 non-negative ints, got {value!r}")
+    return tuple(value)
+
+
+def _check_tensor(name, t, ndim, like=None, dtype=None):
+    """Type, rank and dtype of `t`; same device as `like`, or (no `like`) a device Triton can run on."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtype is None and t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if like is None:
+        if t.device.type != "cuda" and not (_interpreting() and t.device.type == "cpu"):
+            raise ValueError(f"{name} must be a CUDA tensor (CPU only under TRITON_INTERPRET=1), got {t.device}")
+    elif t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like the other inputs, got {t.device}")
+
+
+def _check_common(like, weight_shape, mask_bits, stride, padding, dilation, groups):
+    """Checks shared by the three launchers; returns normalised (stride, padding, dilation)."""
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    co = weight_shape[0]
+    if co % groups != 0:
+        raise ValueError(f"weight out channels ({co}) must be divisible by groups={groups}")
+    cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    _check_tensor("mask_bits", mask_bits, 2, like, torch.int32)
+    expected = (co, triton.cdiv(cols, 32))
+    if tuple(mask_bits.shape) != expected:
+        raise ValueError(f"mask_bits must have shape {expected} (Co, ceil(C/groups*KH*KW/32)), "
+                         f"got {tuple(mask_bits.shape)}")
+    if not mask_bits.is_contiguous():
+        raise ValueError("mask_bits must be contiguous")
+    return stride, padding, dilation
+
+
+def _out_size(x_shape, weight_shape, stride, padding, dilation):
+    oh = (x_shape[2] + 2 * padding[0] - dilation[0] * (weight_shape[2] - 1) - 1) // stride[0] + 1
+    ow = (x_shape[3] + 2 * padding[1] - dilation[1] * (weight_shape[3] - 1) - 1) // stride[1] + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"output would be empty ({oh}x{ow}) for input {tuple(x_shape[2:])}, kernel "
+                         f"{tuple(weight_shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}")
+    return oh, ow
+
+
+def _check_channels(x_name, x_shape, weight_shape, groups):
+    if x_shape[1] != weight_shape[1] * groups:
+        raise ValueError(f"{x_name} has {x_shape[1]} channels, expected weight.shape[1] * groups = "
+                         f"{weight_shape[1]} * {groups}")
+
+
+def _on(device):
+    """Launch on the inputs' GPU: Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _dot_precision(dtype, allow_tf32):
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
+def _empty_like_layout(shape, like):
+    """Output in channels_last when `like` is, as torch's conv2d does."""
+    fmt = (torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+           else torch.contiguous_format)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, groups, *, allow_tf32=False):
+    """y = conv2d(x, weight * mask, bias, stride, padding, dilation, groups).
+
+    x (Nb, C, H, W), weight (Co, C/groups, KH, KW), mask_bits int32 (Co, ceil(C/groups*KH*KW/32)),
+    bias (Co,) or None; float32/float16/bfloat16, one dtype. Any strides of x and weight.
+    Returns y (Nb, Co, OH, OW) in x's dtype, channels_last when x is. fp32 accumulation; fp32 inputs
+    use IEEE fp32 products unless allow_tf32.
+    """
+    _check_tensor("x", x, 4)
+    _check_tensor("weight", weight, 4, x, x.dtype)
+    stride, padding, dilation = _check_common(x, weight.shape, mask_bits, stride, padding, dilation, groups)
+    _check_channels("x", x.shape, weight.shape, groups)
+    co = weight.shape[0]
+    if bias is not None:
+        _check_tensor("bias", bias, 1, x, x.dtype)
+        if bias.shape[0] != co:
+            raise ValueError(f"bias must have shape ({co},), got {tuple(bias.shape)}")
+    nb, c, h, w = x.shape
+    oh, ow = _out_size(x.shape, weight.shape, stride, padding, dilation)
+    y = _empty_like_layout((nb, co, oh, ow), x)
+    if y.numel() == 0:
+        return y
+    cg, cog = c // groups, co // groups
+    grid = lambda meta: (triton.cdiv(nb * oh * ow, meta["BLOCK_M"]), triton.cdiv(cog, meta["BLOCK_N"]), groups)
+    with _on(x.device):
+        _masked_conv2d_fwd_kernel[grid](
+            x, weight, mask_bits, bias if bias is not None else weight, y,
+            nb, h, w, oh, ow, cg, cog,
+            *x.stride(), *weight.stride(), *y.stride(),
+            mask_bits.stride(0),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            KH=weight.shape[2], KW=weight.shape[3], HAS_BIAS=bias is not None,
+            DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+        )
+    return y
+
+
+def masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups, *,
+                            allow_tf32=False):
+    """dx = conv2d_input(x_shape, weight * mask, dy, ...): the gradient of masked_conv2d_fwd w.r.t. x.
+
+    dy (Nb, Co, OH, OW) with any strides, weight (Co, C/groups, KH, KW), x_shape (Nb, C, H, W).
+    Returns dx (Nb, C, H, W) in dy's dtype, channels_last when dy is.
+    """
+    _check_tensor("dy", dy, 4)
+    _check_tensor("weight", weight, 4, dy, dy.dtype)
+    stride, padding, dilation = _check_common(dy, weight.shape, mask_bits, stride, padding, dilation, groups)
+    x_shape = _shape4("x_shape", x_shape)
+    _check_channels("x_shape", x_shape, weight.shape, groups)
+    nb, c, h, w = x_shape
+    co = weight.shape[0]
+    oh, ow = _out_size(x_shape, weight.shape, stride, padding, dilation)
+    if tuple(dy.shape) != (nb, co, oh, ow):
+        raise ValueError(f"dy must have shape {(nb, co, oh, ow)} for x_shape {x_shape}, got {tuple(dy.shape)}")
+    dx = _empty_like_layout(x_shape, dy)
+    if dx.numel() == 0:
+        return dx
+    cg, cog = c // groups, co // groups
+    grid = lambda meta: (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)
+    with _on(dy.device):
+        _masked_conv2d_bwd_input_kernel[grid](
+            dy, weight, mask_bits, dx,
+            nb, h, w, oh, ow, cg, cog,
+            *dy.stride(), *weight.stride(), *dx.stride(),
+            mask_bits.stride(0),
+            padding[0], padding[1], dilation[0], dilation[1],
+            SH=stride[0], SW=stride[1], KH=weight.shape[2], KW=weight.shape[3],
+            DOT_PRECISION=_dot_precision(dy.dtype, allow_tf32),
+        )
+    return dx
+
+
+def _default_split(reduction, tiles, device):
+    """Split the Nb*OH*OW reduction so that small weight GEMMs still fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), reduction // 512, 64))
+
+
+def masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups, *,
+                             allow_tf32=False, split_k=None):
+    """dw = conv2d_weight(x, weight_shape, dy, ...) * mask: the gradient of masked_conv2d_fwd w.r.t. weight.
+
+    dy (Nb, Co, OH, OW) and x (Nb, C, H, W) with any strides, one dtype; weight_shape (Co, C/groups, KH, KW).
+    Returns contiguous dw of weight_shape in x's dtype, exact zeros where mask_bits prune.
+    The Nb*OH*OW reduction is cut into `split_k` fp32 partial sums (default: enough to fill the
+    GPU), summed in a fixed order, so results are deterministic.
+    """
+    _check_tensor("x", x, 4)
+    _check_tensor("dy", dy, 4, x, x.dtype)
+    weight_shape = _shape4("weight_shape", weight_shape)
+    stride, padding, dilation = _check_common(x, weight_shape, mask_bits, stride, padding, dilation, groups)
+    _check_channels("x", x.shape, weight_shape, groups)
+    nb, c, h, w = x.shape
+    co, cg, kh, kw = weight_shape
+    oh, ow = _out_size(x.shape, weight_shape, stride, padding, dilation)
+    if tuple(dy.shape) != (nb, co, oh, ow):
+        raise ValueError(f"dy must have shape {(nb, co, oh, ow)} for x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or an int >= 1, got {split_k!r}")
+    cog, cols = co // groups, cg * kh * kw
+    reduction = nb * oh * ow
+    if reduction == 0 or co == 0 or cols == 0:
+        return torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    if split_k is None:
+        split_k = _default_split(reduction, triton.cdiv(cog, 64) * triton.cdiv(cols, 64) * groups, x.device)
+    # Split boundaries on multiples of 128 keep the loads of each split aligned like the unsplit ones.
+    split_len = triton.cdiv(triton.cdiv(reduction, split_k), 128) * 128
+    n_split = triton.cdiv(reduction, split_len)
+    dw = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
+    if n_split == 1:
+        out = dw.view(1, co, cols)
+    else:
+        out = torch.empty((n_split, co, cols), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(cog, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), groups * n_split)
+    with _on(x.device):
+        _masked_conv2d_bwd_weight_kernel[grid](
+            dy, x, mask_bits, out,
+            nb, h, w, oh, ow, cg, cog,
+            *dy.stride(), *x.stride(), *out.stride(),
+            mask_bits.stride(0),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            n_split, split_len,
+            KH=kh, KW=kw, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+        )
+    if n_split > 1:
+        dw.copy_(out.sum(0).view(weight_shape))
+    return dw
