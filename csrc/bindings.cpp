@@ -7,9 +7,12 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "cpu/mask_bits.h"
 #include "cpu/masked_linear.h"
+#include "cpu/topk_mask.h"
 
 #ifdef SPARSE_ENGINE_WITH_CUDA
 // c10's stream header rather than ATen/cuda/CUDAContext.h, which also pulls in cuBLAS and
@@ -19,6 +22,7 @@
 
 #include "cuda/mask_bits.h"
 #include "cuda/masked_linear.h"
+#include "cuda/topk_mask.h"
 #endif
 
 namespace {
@@ -70,6 +74,17 @@ at::Tensor checked_mask_bits(const at::Tensor& bits, const at::Tensor& ref, cons
               ": mask_bits must have shape (", rows, ", ", mask_words(cols), ") to mask a (", rows, ", ", cols,
               ") weight, got shape ", bits.sizes());
   return bits.contiguous();
+}
+
+// The 2-D view (rows, cols) of a score tensor that its selection mask packs: rank >= 2 gives
+// (shape[0], numel / shape[0]), rank <= 1 gives (1, numel).
+std::pair<int64_t, int64_t> selection_view(const at::Tensor& scores) {
+  const int64_t rows = scores.dim() >= 2 ? scores.size(0) : 1;
+  return {rows, rows > 0 ? scores.numel() / rows : 0};
+}
+
+[[noreturn]] void raise_nan(int64_t tensor) {
+  throw pybind11::value_error("scores[" + std::to_string(tensor) + "]: contains NaN; NaN scores cannot be ranked");
 }
 
 #ifdef SPARSE_ENGINE_WITH_CUDA
@@ -145,6 +160,30 @@ at::Tensor masked_linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, c
                                                  c10::cuda::getCurrentCUDAStream()),
                "masked_linear_bwd_weight");
   return dw;
+}
+
+// Fills masks; raises ValueError if a score tensor contains NaN (read back after the kernels).
+void topk_mask(const std::vector<at::Tensor>& scores, const std::vector<int64_t>& group, const std::vector<int64_t>& ks,
+               bool largest, std::vector<at::Tensor>& masks) {
+  const c10::cuda::CUDAGuard guard(scores[0].device());
+  const int64_t num_tensors = static_cast<int64_t>(scores.size()), num_groups = static_cast<int64_t>(ks.size());
+  std::vector<kernels::TopkTensor> tensors(num_tensors);
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const auto [rows, cols] = selection_view(scores[i]);
+    tensors[i] = {scores[i].const_data_ptr(), rows, cols, masks[i].data_ptr<int32_t>(), group[i]};
+  }
+  const size_t bytes = kernels::topk_mask_workspace_bytes(tensors.data(), num_tensors, num_groups);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, scores[0].options().dtype(at::kByte));
+  at::Tensor nan_flags = at::empty({num_tensors}, scores[0].options().dtype(at::kInt));
+  check_launch(kernels::topk_mask(dtype_of(scores[0]), tensors.data(), num_tensors, ks.data(), num_groups, largest,
+                                  workspace.data_ptr(), bytes, nan_flags.data_ptr<int32_t>(),
+                                  c10::cuda::getCurrentCUDAStream()),
+               "topk_mask");
+  const at::Tensor flags = nan_flags.cpu();
+  const int32_t* flag = flags.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    if (flag[i] != 0) raise_nan(i);
+  }
 }
 
 }  // namespace cuda_path
@@ -245,10 +284,63 @@ at::Tensor masked_linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, c
   return sparse_engine::cpu::masked_linear_bwd_weight(dy, x, bits);
 }
 
+std::vector<at::Tensor> topk_mask(const std::vector<at::Tensor>& scores, const std::vector<int64_t>& group,
+                                  const std::vector<int64_t>& ks, bool largest) {
+  constexpr const char* op = "topk_mask";
+  const int64_t num_tensors = static_cast<int64_t>(scores.size()), num_groups = static_cast<int64_t>(ks.size());
+  TORCH_CHECK_VALUE(group.size() == scores.size(), op, ": group must have one entry per score tensor (",
+                    num_tensors, "), got ", group.size());
+  std::vector<int64_t> sizes(num_groups, 0);
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const at::Tensor& s = scores[i];
+    const std::string name = "scores[" + std::to_string(i) + "]";
+    check_device(s, name.c_str(), op);
+    const auto dtype = s.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
+                " must be float32, float16 or bfloat16, got ", dtype);
+    check_same_dtype(s, name.c_str(), scores[0], "scores[0]", op);
+    check_same_device(s, name.c_str(), scores[0], "scores[0]", op);
+    TORCH_CHECK(s.is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK_VALUE(group[i] >= 0 && group[i] < num_groups, op, ": group[", i, "] must be in [0, ", num_groups,
+                      ") (one k per group), got ", group[i]);
+    sizes[group[i]] += s.numel();
+  }
+  for (int64_t g = 0; g < num_groups; ++g) {
+    TORCH_CHECK_VALUE(ks[g] >= 0 && ks[g] <= sizes[g], op, ": ks[", g, "] must be in [0, ", sizes[g],
+                      "] (the number of scores in group ", g, "), got ", ks[g]);
+  }
+  std::vector<at::Tensor> masks;
+  masks.reserve(num_tensors);
+  for (const at::Tensor& s : scores) {
+    const auto [rows, cols] = selection_view(s);
+    masks.push_back(at::empty({rows, mask_words(cols)}, s.options().dtype(at::kInt)));
+  }
+  if (num_tensors == 0) return masks;
+#ifdef SPARSE_ENGINE_WITH_CUDA
+  if (scores[0].is_cuda()) {
+    cuda_path::topk_mask(scores, group, ks, largest, masks);
+    return masks;
+  }
+#endif
+  namespace kernels = sparse_engine::cpu;
+  const auto dtype = scores[0].scalar_type();
+  const kernels::ScoreType score_type = dtype == at::kFloat ? kernels::ScoreType::kFloat32
+                                        : dtype == at::kHalf ? kernels::ScoreType::kFloat16
+                                                             : kernels::ScoreType::kBFloat16;
+  std::vector<kernels::TopkTensor> tensors(num_tensors);
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const auto [rows, cols] = selection_view(scores[i]);
+    tensors[i] = {scores[i].const_data_ptr(), rows, cols, masks[i].data_ptr<int32_t>(), group[i]};
+  }
+  const int64_t nan_tensor = kernels::topk_mask(score_type, tensors.data(), num_tensors, ks.data(), num_groups, largest);
+  if (nan_tensor >= 0) raise_nan(nan_tensor);
+  return masks;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sparse_engine's compiled kernels: mask bit packing and masked_linear, on CPU (OpenMP) and CUDA.";
+  m.doc() = "sparse_engine's compiled kernels: mask bit packing, masked_linear and topk_mask, on CPU (OpenMP) and CUDA.";
   // The kernels touch no Python objects, so other Python threads may run meanwhile.
   using release_gil = py::call_guard<py::gil_scoped_release>;
 
@@ -267,5 +359,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask_bits"),
         "masked_linear_bwd_weight(dy (M, N), x (M, K), mask_bits (N, ceil(K / 32))) -> (dy^T @ x) * M, (N, K), "
         "pruned entries exact zeros.");
+  m.def("topk_mask", &topk_mask, release_gil(), py::arg("scores"), py::arg("group"), py::arg("ks"),
+        py::arg("largest"),
+        "topk_mask(scores: list of contiguous float32/float16/bfloat16 tensors on one device, group: one group "
+        "index per tensor, ks: one k per group, largest: bool) -> list of int32 packed masks (rows, ceil(cols / 32)) "
+        "keeping exactly ks[g] scores of each group g (ties: lower tensor index, then flat index, first). "
+        "ValueError if a score is NaN.");
   m.def("cuda_built", [] { return kCudaBuilt; }, "True if the CUDA kernels were compiled into this build.");
 }
