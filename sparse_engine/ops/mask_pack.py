@@ -35,7 +35,7 @@ def _as_2d_mask(mask: Tensor) -> Tensor:
         raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
     if mask.dim() < 2:
         raise ValueError(f"mask: expected rank >= 2 (the weight's shape), got shape {tuple(mask.shape)}")
-    return mask.reshape(mask.shape[0], -1)
+    return mask.flatten(1)
 
 
 def pack_mask(mask: Tensor) -> Tensor:
