@@ -8,12 +8,13 @@ import torch  # noqa: F401  (loads libc10 and friends, which _C links against)
 from sparse_engine import _C  # noqa: F401  (the compiled CPU/CUDA kernels; fails loudly if not built)
 from sparse_engine.nn import (MaskedModule, MaskedOptimizer, SparseConv2d, SparseLinear, SparsityReport, densify,
                               mask_optimizer, sparse_modules, sparsify, sparsity_report)
-from sparse_engine.ops import masked_conv2d, masked_linear, pack_mask, unpack_mask
+from sparse_engine.ops import masked_conv2d, masked_linear, pack_mask, topk_mask, unpack_mask
+from sparse_engine.pruning import prune_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "MaskedModule", "sparsify", "densify", "sparse_modules", "sparsity_report",
     "SparsityReport", "mask_optimizer", "MaskedOptimizer", "masked_linear", "masked_conv2d", "pack_mask",
-    "unpack_mask",
+    "unpack_mask", "topk_mask", "prune_",
 ]

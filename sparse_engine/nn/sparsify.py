@@ -22,7 +22,7 @@ SPARSE_TYPES = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
-def _matcher(selector: Selector, argname: str) -> Optional[Callable[[str, nn.Module], bool]]:
+def name_matcher(selector: Selector, argname: str) -> Optional[Callable[[str, nn.Module], bool]]:
     if selector is None:
         return None
     if callable(selector):
@@ -56,7 +56,7 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_backend(backend)
-    inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude")
+    inc, exc = name_matcher(include, "include"), name_matcher(exclude, "exclude")
     for name, module in list(model.named_modules()):
         if isinstance(module, MaskedModule) or (exc is not None and exc(name, module)):
             continue

@@ -1,4 +1,22 @@
-"""Pruning: choosing masks for the sparse layers of a model."""
-from sparse_engine.pruning.magnitude import global_magnitude_prune_
+"""Pruning: choosing masks for the sparse layers of a model.
 
-__all__ = ["global_magnitude_prune_"]
+``prune_`` combines a score (``scores``), a layer-wise allocation (``allocation``) and a
+granularity (``granularity``); every mask is chosen through ``sparse_engine.ops.topk_mask``
+(N:M through its local per-group rule).
+"""
+from sparse_engine.pruning.allocation import (ALLOCATIONS, Allocation, allocate, erk_densities, layer_densities,
+                                              target_kept)
+from sparse_engine.pruning.granularity import GRANULARITIES, Granularity, check_nm, nm_mask, parse_granularity
+from sparse_engine.pruning.magnitude import global_magnitude_prune_
+from sparse_engine.pruning.prune import INPUTS, SCORE_INPUTS, prune_
+from sparse_engine.pruning.scores import (SCORES, custom_scores, fggp_keep_scores, gradient_scores, grasp_scores,
+                                          lamp_scores, lamp_transform, magnitude_scores, random_scores,
+                                          saliency_scores, synflow_scores, wanda_scores)
+
+__all__ = [
+    "prune_", "global_magnitude_prune_", "SCORES", "SCORE_INPUTS", "INPUTS",
+    "magnitude_scores", "gradient_scores", "saliency_scores", "grasp_scores", "synflow_scores", "wanda_scores",
+    "lamp_scores", "lamp_transform", "random_scores", "custom_scores", "fggp_keep_scores",
+    "ALLOCATIONS", "Allocation", "allocate", "layer_densities", "erk_densities", "target_kept",
+    "GRANULARITIES", "Granularity", "parse_granularity", "nm_mask", "check_nm",
+]
