@@ -7,8 +7,10 @@ cache from serving weights that a real model would have to read from HBM).
 CUDA work is timed on the device (events or graph replays), never by a host clock around
 asynchronous launches; CPU work by ``time.perf_counter``.
 """
+import ctypes
 import gc
 import itertools
+import re
 import statistics
 import time
 from typing import Callable, NamedTuple, Optional
@@ -113,3 +115,44 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def device_median_ms(step: Step, n_sets: int, device: torch.device, *, quick: bool = False) -> Times:
+    """``step``'s time on ``device``: do_bench on CUDA, ``cpu_median_ms`` on the CPU; ``quick`` takes
+    few repeats (smoke tests)."""
+    if device.type == "cuda":
+        return cuda_events_ms(step, n_sets, **(dict(warmup_ms=5, rep_ms=10) if quick else {}))
+    return cpu_median_ms(step, n_sets, **(dict(warmup=1, min_reps=3, min_time_s=0.0) if quick else {}))
+
+
+def copy_gbps(device: torch.device, nbytes: int, *, quick: bool = False) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` random bytes, counting bytes read plus bytes
+    written: the ceiling of any kernel that streams memory."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen, device=device)
+    dst = torch.empty_like(src)
+    ms = device_median_ms(lambda i: dst.copy_(src), 1, device, quick=quick).median
+    return 2 * nbytes / ms / 1e6
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return 1024 * int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory (bytes) that ``fn`` adds to the process, Linux with glibc only: the
+    kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the resident size
+    before, after ``malloc_trim(0)`` has handed glibc's free pages back to the kernel.
+
+    It counts every page ``fn`` touches that was not in use, torch's tensors and a C++ kernel's
+    own buffers alike, to the 4 KiB page (thread stacks and library buffers touched for the first
+    time count too). Without the trim, blocks freed by earlier calls would stay resident and a
+    temporary reusing them would not show.
+    """
+    ctypes.CDLL(None).malloc_trim(0)  # returns 0 when there was nothing to release: not an error
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    base = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - base

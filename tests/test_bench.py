@@ -100,3 +100,104 @@ def test_guard_stops_gradient_reaching_pruned_weights(bench):
     leaky = lambda s: F.linear(s.x, s.weight * s.keep + (s.weight - s.weight.detach()) * 1e-30)
     with pytest.raises(SystemExit, match="pruned weights have a nonzero gradient"):
         bench.check_against_reference("ours_cpu", leaky, s)
+
+
+# ---- bench/bench_topk_mask.py --------------------------------------------------------------------
+
+TOPK_SCRIPT = REPO / "bench" / "bench_topk_mask.py"
+TOPK_METHODS = {"kthvalue", "topk", "sort", "ours_cpu"}
+
+
+@pytest.fixture
+def topk_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOPK_SCRIPT.parent))
+    import bench_topk_mask
+    return bench_topk_mask
+
+
+def test_topk_cpu_quick_run_writes_rows_and_table(tmp_path, topk_bench):
+    run = subprocess.run([sys.executable, str(TOPK_SCRIPT), "--device", "cpu", "--quick", "--out-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (path,) = tmp_path.glob("topk_mask_cpu-*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    cases = {(s, d) for s in (10**4, 10**5) for d in ("float32", "bfloat16")}
+    assert {(r["method"], r["size"], r["dtype"]) for r in rows} == {(m, *c) for m in TOPK_METHODS for c in cases}
+    assert len(rows) == len(TOPK_METHODS) * len(cases)
+
+    by = {(r["method"], r["size"], r["dtype"]): r for r in rows}
+    for r in rows:
+        for key in ("date", "device", "torch", "triton", "git_sha"):
+            assert r[key], key
+        assert r["quick"] is True and r["status"] == "ok" and r["sparsity"] == 0.5
+        assert 95 <= r["tensors"] <= 100 and r["size"] - r["d"] <= r["n"] <= r["size"]
+        assert r["k"] == round(r["n"] / 2)
+        assert r["score_bytes"] == r["n"] * {"float32": 4, "bfloat16": 2}[r["dtype"]]
+        assert r["ms"] > 0 and math.isfinite(r["ms"])
+        assert r["gbps"] == pytest.approx(r["score_bytes"] / r["ms"] / 1e6)
+        assert r["reads"] == pytest.approx(r["ms"] * r["copy_gbps"] * 1e6 / r["score_bytes"])
+        base = {b: by[b, r["size"], r["dtype"]]["ms"] for b in ("kthvalue", "topk", "sort")}
+        for b, ms in base.items():
+            assert r[f"speedup_vs_{b}"] == pytest.approx(ms / r["ms"])
+        assert r["best_baseline"] == min(base, key=base.get)
+        assert isinstance(r["peak_bytes"], int) and r["peak_method"] == "VmHWM - VmRSS"
+    for r in rows:
+        # one bool a score for the baselines; ours packed, each tensor viewed as (shape[0], rest) or (1, n)
+        views = [(s[0], math.prod(s[1:])) if len(s) > 1 else (1, s[0]) for s in topk_bench.layer_shapes(r["size"])]
+        packed = sum(4 * rows * math.ceil(cols / 32) for rows, cols in views)
+        assert r["mask_bytes"] == (packed if r["method"] == "ours_cpu" else r["n"])
+
+    (md_path,) = tmp_path.glob("topk_mask_cpu-*.md")
+    md = md_path.read_text()
+    assert rows[0]["device"] in md and rows[0]["git_sha"] in md and rows[0]["torch"] in md
+    assert len([line for line in md.splitlines() if line.startswith("| 1e")]) == len(rows)
+    targets = [line for line in md.split("## Targets")[1].splitlines() if line.startswith("- ")]
+    # quick sizes miss the 1e7 speed target; one memory line per dtype
+    assert targets[0].startswith("- n/a") and "1e+07" in targets[0], targets
+    assert sum("temporaries beyond the masks" in t for t in targets) == 2, targets
+
+
+def test_topk_workload_shapes_and_tie_free_scores(topk_bench):
+    for n in (10**4, 10**6, 10**9):
+        shapes = topk_bench.layer_shapes(n)
+        total = sum(math.prod(s) for s in shapes)
+        assert len(shapes) == 98 and n - shapes[0][0] <= total <= n
+    shapes = topk_bench.layer_shapes(20_000)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        scores = topk_bench.tie_free_scores(shapes, dtype, torch.device("cpu"), seed=3)
+        assert [tuple(s.shape) for s in scores] == shapes and all(s.dtype == dtype for s in scores)
+        flat = torch.cat([s.reshape(-1) for s in scores]).float()
+        assert torch.isfinite(flat).all() and (flat < 0).any() and (flat > 0).any()
+        assert flat.unique().numel() == flat.numel()  # distinct values, and -0.0 never beside +0.0
+
+
+def _tied_scores():
+    # bf16 values in {1, 2, 3}: the k-th largest is tied across several tensors
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 40), (7,), (5, 2, 9), (64,)]
+    return [torch.randint(1, 4, s, generator=gen).to(torch.bfloat16) for s in shapes]
+
+
+def test_topk_guards_pass_the_cpu_kernel(topk_bench):
+    cpu = torch.device("cpu")
+    found = topk_bench.methods(cpu)
+    assert topk_bench.check_tie_free(found, topk_bench.layer_shapes(20_000), torch.bfloat16, 0.7, cpu, seed=1) == {}
+    topk_bench.check_rule(found, _tied_scores(), 100)
+
+
+def test_topk_guards_stop_a_wrong_count(topk_bench):
+    cpu = torch.device("cpu")
+    found = {**topk_bench.methods(cpu), "ours_cpu": lambda scores, k: topk_bench.topk_mask(scores, k - 1)}
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED \(tie-free.*bits set, expected k"):
+        topk_bench.check_tie_free(found, topk_bench.layer_shapes(20_000), torch.float32, 0.5, cpu, seed=1)
+
+
+def test_topk_rule_guard_stops_wrong_tie_order(topk_bench):
+    # Selecting over the tensors in reverse order is right without ties and wrong with them: only the
+    # rule guard on the (tied) timed scores can see it.
+    cpu = torch.device("cpu")
+    reverse = lambda scores, k: topk_bench.topk_mask(scores[::-1], k)[::-1]
+    found = {**topk_bench.methods(cpu), "ours_cpu": reverse}
+    topk_bench.check_tie_free(found, topk_bench.layer_shapes(20_000), torch.bfloat16, 0.5, cpu, seed=1)
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED \(rule.*masks differ"):
+        topk_bench.check_rule(found, _tied_scores(), 100)
