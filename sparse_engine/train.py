@@ -3,7 +3,7 @@
 Any model and optimizer work; with sparse layers, pass the optimizer through
 ``sparse_engine.mask_optimizer`` first so pruned weights stay zero.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,12 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, ge
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch_size: int = 128, device: str = "cpu", scheduler=None, generator=None,
-                progress: Optional[object] = None) -> float:
-    """One pass over ``(x, y)`` with cross-entropy; returns the mean training loss."""
+                progress: Optional[object] = None, on_step: Optional[Callable[[], object]] = None) -> float:
+    """One pass over ``(x, y)`` with cross-entropy; returns the mean training loss.
+
+    ``on_step`` runs after every ``optimizer.step()`` (and ``scheduler.step()``), before the next
+    ``zero_grad``: pass a pruner's ``step`` so that it sees the step's gradients.
+    """
     model.train()
     total, count = 0.0, 0
     for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator):
@@ -33,6 +37,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step()
         total += loss.item() * xb.shape[0]
         count += xb.shape[0]
         if progress is not None:

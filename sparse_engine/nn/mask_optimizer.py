@@ -19,6 +19,10 @@ from torch import nn
 from sparse_engine.nn.sparsify import sparse_modules
 
 
+# Attribute of the optimizer listing its MaskedOptimizer handles, so pruners can find them.
+MASKERS_ATTR = "_sparse_engine_maskers"
+
+
 class MaskedOptimizer:
     """Handle returned by :func:`mask_optimizer`; ``remove()`` detaches the hooks."""
 
@@ -35,6 +39,11 @@ class MaskedOptimizer:
         self._versions = {id(p): None for p, _ in self.layers}
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
+        maskers = getattr(optimizer, MASKERS_ATTR, None)
+        if maskers is None:
+            maskers = []
+            setattr(optimizer, MASKERS_ATTR, maskers)
+        maskers.append(self)
 
     @torch.no_grad()
     def clear_state(self, force: bool = False) -> None:
@@ -66,6 +75,14 @@ class MaskedOptimizer:
         for h in self._handles:
             h.remove()
         self._handles = []
+        maskers = getattr(self.optimizer, MASKERS_ATTR, [])
+        if self in maskers:
+            maskers.remove(self)
+
+
+def installed_maskers(optimizer: torch.optim.Optimizer) -> list["MaskedOptimizer"]:
+    """The active ``MaskedOptimizer`` handles installed on ``optimizer`` by :func:`mask_optimizer`."""
+    return list(getattr(optimizer, MASKERS_ATTR, []))
 
 
 def mask_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> MaskedOptimizer:

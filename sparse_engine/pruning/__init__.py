@@ -7,11 +7,14 @@ granularity (``granularity``); every mask is chosen through ``sparse_engine.ops.
 from sparse_engine.pruning.allocation import (ALLOCATIONS, Allocation, allocate, erk_densities, layer_densities,
                                               target_kept)
 from sparse_engine.pruning.granularity import GRANULARITIES, Granularity, check_nm, nm_mask, parse_granularity
+from sparse_engine.pruning.bn_recalibration import recalibrate_bn
 from sparse_engine.pruning.lr_schedules import (RETRAIN_SCHEDULES, ALLRSchedule, CLRSchedule, FTSchedule,
                                                 LLRSchedule, LRWSchedule, RetrainSchedule, SLRSchedule,
                                                 allr_initial_lr, relative_norm_drop, retrain_lr_schedule)
 from sparse_engine.pruning.magnitude import global_magnitude_prune_
+from sparse_engine.pruning.methods import FGGP, GMP, IMP, Cyclical, OneShot
 from sparse_engine.pruning.prune import INPUTS, SCORE_INPUTS, prune_
+from sparse_engine.pruning.pruner import Pruner, regrowth_scores
 from sparse_engine.pruning.schedules import (RAMPS, cubic_sparsity, cycle_index, cycle_start, cyclical_sparsity,
                                              imp_phase_rate, imp_phase_sparsities, one_shot_sparsity)
 from sparse_engine.pruning.scores import (SCORES, custom_scores, fggp_keep_scores, gradient_scores, grasp_scores,
@@ -19,7 +22,8 @@ from sparse_engine.pruning.scores import (SCORES, custom_scores, fggp_keep_score
                                           saliency_scores, synflow_scores, wanda_scores)
 
 __all__ = [
-    "prune_", "global_magnitude_prune_", "SCORES", "SCORE_INPUTS", "INPUTS",
+    "prune_", "global_magnitude_prune_", "Pruner", "OneShot", "IMP", "GMP", "FGGP", "Cyclical", "regrowth_scores",
+    "recalibrate_bn", "SCORES", "SCORE_INPUTS", "INPUTS",
     "magnitude_scores", "gradient_scores", "saliency_scores", "grasp_scores", "synflow_scores", "wanda_scores",
     "lamp_scores", "lamp_transform", "random_scores", "custom_scores", "fggp_keep_scores",
     "ALLOCATIONS", "Allocation", "allocate", "layer_densities", "erk_densities", "target_kept",
