@@ -61,18 +61,23 @@ def test_corrupt_idx(tmp_path):
         read_idx(tmp_path / "short")
 
 
-def test_demo_runs_and_prunes_exactly(tmp_path, capsys):
-    from sparse_engine.demo import main
+def test_demo_runs_every_method_and_prunes_exactly(tmp_path, capsys):
+    from sparse_engine.demo import METHODS, main
     root = make_dataset(tmp_path / "data", n_train=512, n_test=128)
-    rows = main(["--data-dir", str(root), "--epochs", "1", "--retrain-epochs", "1", "--sparsities", "0.5", "0.9",
-                 "--out", str(tmp_path / "out")])
-    assert [r["method"] for r in rows] == ["dense", "global magnitude + retrain", "global magnitude + retrain"]
-    n = 784 * 300 + 300 * 100 + 100 * 10
-    for r, s in zip(rows[1:], (0.5, 0.9)):
-        assert r["sparsity"] == round(s * n) / n
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    out = tmp_path / "out"
+    rows = main(["--data-dir", str(root), "--train-size", "512", "--epochs", "1", "--retrain-epochs", "1",
+                 "--sparsities", "0.5", "0.9", "--out", str(out)])
+    assert {(r["model"], r["method"]) for r in rows} == {(m, x) for m in ("mlp", "cnn")
+                                                          for x in ("dense",) + METHODS}
+    n = {"mlp": 784 * 300 + 300 * 100 + 100 * 10, "cnn": 8 * 9 + 16 * 8 * 9 + 16 * 49 * 64 + 64 * 10}
+    for r in rows:
+        if r["method"] != "dense":
+            assert r["sparsity"] == round(r["target"] * n[r["model"]]) / n[r["model"]], r
+    saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == rows
-    assert "| sparsity |" in capsys.readouterr().out
+    assert (out / "sparsity_accuracy.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "| mlp | IMP+SLR |" in printed and "| cnn | FGGP |" in printed
 
 
 def test_demo_reports_missing_data(tmp_path):
