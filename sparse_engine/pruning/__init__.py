@@ -13,6 +13,7 @@ from sparse_engine.pruning.lr_schedules import (RETRAIN_SCHEDULES, ALLRSchedule,
                                                 allr_initial_lr, relative_norm_drop, retrain_lr_schedule)
 from sparse_engine.pruning.magnitude import global_magnitude_prune_
 from sparse_engine.pruning.methods import FGGP, GMP, IMP, Cyclical, OneShot
+from sparse_engine.pruning.obs import obs_layerwise, obs_prune_weight, obs_prune_weight_ref
 from sparse_engine.pruning.prune import INPUTS, SCORE_INPUTS, prune_
 from sparse_engine.pruning.pruner import Pruner, regrowth_scores
 from sparse_engine.pruning.schedules import (RAMPS, cubic_sparsity, cycle_index, cycle_start, cyclical_sparsity,
@@ -23,7 +24,7 @@ from sparse_engine.pruning.scores import (SCORES, custom_scores, fggp_keep_score
 
 __all__ = [
     "prune_", "global_magnitude_prune_", "Pruner", "OneShot", "IMP", "GMP", "FGGP", "Cyclical", "regrowth_scores",
-    "recalibrate_bn", "SCORES", "SCORE_INPUTS", "INPUTS",
+    "recalibrate_bn", "obs_layerwise", "obs_prune_weight", "obs_prune_weight_ref", "SCORES", "SCORE_INPUTS", "INPUTS",
     "magnitude_scores", "gradient_scores", "saliency_scores", "grasp_scores", "synflow_scores", "wanda_scores",
     "lamp_scores", "lamp_transform", "random_scores", "custom_scores", "fggp_keep_scores",
     "ALLOCATIONS", "Allocation", "allocate", "layer_densities", "erk_densities", "target_kept",
