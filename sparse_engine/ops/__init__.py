@@ -1,5 +1,7 @@
 """``torch.library`` custom ops (``sparse_engine::*``) with their CPU/CUDA kernels and ``*_ref``
 references in plain torch."""
+from sparse_engine.ops.block_solve import (block_cholesky, block_cholesky_ref, block_cholesky_solve,
+                                           block_cholesky_solve_ref, block_solve)
 from sparse_engine.ops.mask_pack import pack_mask, pack_mask_ref, unpack_mask, unpack_mask_ref
 from sparse_engine.ops.masked_conv2d import masked_conv2d, masked_conv2d_ref
 from sparse_engine.ops.masked_linear import masked_linear, masked_linear_ref
@@ -10,4 +12,5 @@ __all__ = [
     "masked_linear", "masked_linear_ref",
     "masked_conv2d", "masked_conv2d_ref",
     "topk_mask", "topk_mask_ref",
+    "block_cholesky", "block_cholesky_ref", "block_cholesky_solve", "block_cholesky_solve_ref", "block_solve",
 ]
