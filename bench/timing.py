@@ -87,20 +87,34 @@ def cuda_graph_ms(step: Step, n_sets: int, calls: int, *, setup: Optional[Callab
 
 
 def cpu_median_ms(step: Step, n_sets: int, *, warmup: int = 2, min_reps: int = 5, min_time_s: float = 0.25,
-                  max_reps: int = 200) -> Times:
-    """Milliseconds of one ``step`` on the CPU: at least ``min_reps`` runs and at least
-    ``min_time_s`` seconds of them (capped at ``max_reps``), after ``warmup`` runs."""
+                  max_reps: int = 200, before: Optional[Step] = None,
+                  sync: Optional[Callable[[], object]] = None) -> Times:
+    """Milliseconds of one ``step`` on the host clock: at least ``min_reps`` runs and at least
+    ``min_time_s`` seconds of them (capped at ``max_reps``), after ``warmup`` runs.
+
+    ``before(i)``, if given, runs ahead of every ``step(i)`` (warm-up included) outside the timed
+    region: it resets what the step changes (weights, masks, optimizer state), so that every call
+    does the same work. ``sync``, if given, runs just before the clock starts and just before it
+    stops: with ``torch.cuda.synchronize`` this times device work on the host clock, the way to time
+    a CUDA step that needs ``before`` (do_bench has no untimed place for it)."""
     for i in range(warmup):
+        if before is not None:
+            before(i % n_sets)
         step(i % n_sets)
     times = []
-    started = time.perf_counter()
     for i in itertools.count():
         if len(times) >= max_reps:
             break
-        if len(times) >= min_reps and time.perf_counter() - started >= min_time_s:
+        if len(times) >= min_reps and sum(times) >= min_time_s:  # timed seconds: before() does not count
             break
+        if before is not None:
+            before(i % n_sets)
+        if sync is not None:
+            sync()
         t0 = time.perf_counter()
         step(i % n_sets)
+        if sync is not None:
+            sync()
         times.append(time.perf_counter() - t0)
     p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
     return Times(statistics.median(times), p20, p80).scaled(1e3)

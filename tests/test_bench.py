@@ -1,5 +1,6 @@
 """Smoke test of bench/bench_masked_linear.py: the CPU quick run finishes and writes what it says,
 and its correctness guard stops a wrong kernel. Speed is the benchmark's business, not this test's."""
+import importlib
 import json
 import math
 import subprocess
@@ -201,3 +202,179 @@ def test_topk_rule_guard_stops_wrong_tie_order(topk_bench):
     topk_bench.check_tie_free(found, topk_bench.layer_shapes(20_000), torch.bfloat16, 0.5, cpu, seed=1)
     with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED \(rule.*masks differ"):
         topk_bench.check_rule(found, _tied_scores(), 100)
+
+
+# ---- bench/bench_pruning_step.py -----------------------------------------------------------------
+
+STEP_SCRIPT = REPO / "bench" / "bench_pruning_step.py"
+STEP_QUICK_MODELS = {"mlp-64-48-32-10": 64 * 48 + 48 * 32 + 32 * 10, "mlp-64-256-256-10": 64 * 256 + 256 * 256 + 2560,
+                     "cnn-16x16-8-16": 3 * 8 * 9 + 8 * 8 * 9 + 8 * 16 * 9 + 16 * 16 * 9 + 16 * 4 * 4 * 256 + 2560}
+
+
+def import_bench(monkeypatch, script: Path):
+    monkeypatch.syspath_prepend(str(script.parent))
+    return importlib.import_module(script.stem)
+
+
+def quick_cpu_rows(script: Path, out_dir: Path, prefix: str) -> list[dict]:
+    """Runs ``script --device cpu --quick`` into ``out_dir``; the JSON lines it wrote."""
+    cmd = [sys.executable, str(script), "--device", "cpu", "--quick", "--out-dir", str(out_dir)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (path,) = out_dir.glob(f"{prefix}_cpu-*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def step_bench(monkeypatch):
+    return import_bench(monkeypatch, STEP_SCRIPT)
+
+
+def test_pruning_step_cpu_quick_run_writes_rows_and_table(tmp_path, step_bench):
+    rows = quick_cpu_rows(STEP_SCRIPT, tmp_path, "pruning_step")
+    methods, optimizers = set(step_bench.LABELS), {"adamw", "sgd"}
+    assert {(r["model"], r["optimizer"], r["method"]) for r in rows} == {
+        (m, o, x) for m in STEP_QUICK_MODELS for o in optimizers for x in methods}
+    assert len(rows) == len(STEP_QUICK_MODELS) * len(optimizers) * len(methods)
+
+    by = {(r["model"], r["optimizer"], r["method"]): r for r in rows}
+    for r in rows:
+        for key in ("date", "device", "torch", "triton", "git_sha", "copy_gbps", "load_avg_1min_end"):
+            assert r[key] is not None, key
+        assert r["quick"] is True and r["dtype"] == "float32" and r["timer"] == "perf_counter"
+        assert r["weights"] == STEP_QUICK_MODELS[r["model"]]
+        assert (r["sparsity_from"], r["sparsity_to"]) == (0.5, 0.6)
+        assert r["pruned_by_step"] == round(0.6 * r["weights"]) - round(0.5 * r["weights"])
+        assert r["ms"] > 0 and math.isfinite(r["ms"]) and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        same = by[r["model"], r["optimizer"], step_bench.TRAIN_OF[r["method"]]]
+        assert r["train_steps"] == pytest.approx(r["ms"] / same["ms"])
+        assert r["dense_train_steps"] == pytest.approx(r["ms"] / by[r["model"], r["optimizer"], "dense_train"]["ms"])
+        ref = step_bench.TORCH_EQUIVALENT.get(r["method"])
+        assert r["speedup_vs_torch"] == (None if ref is None else
+                                         pytest.approx(by[r["model"], r["optimizer"], ref]["ms"] / r["ms"]))
+        if r["method"] in ("ours_step", "torch_step"):
+            states = {"adamw": 2, "sgd": 1}[r["optimizer"]]
+            n = r["weights"]
+            assert r["floor_bytes"] == 4 * n + math.ceil(n / 8) + 2 * states * 4 * n
+            assert r["gbps"] == pytest.approx(r["floor_bytes"] / r["ms"] / 1e6)
+            assert r["x_floor"] == pytest.approx(r["ms"] * r["copy_gbps"] * 1e6 / r["floor_bytes"])
+        else:
+            assert r["floor_bytes"] is None and r["gbps"] is None and r["x_floor"] is None
+
+    (md_path,) = tmp_path.glob("pruning_step_cpu-*.md")
+    md = md_path.read_text()
+    assert rows[0]["device"] in md and rows[0]["git_sha"] in md and rows[0]["torch"] in md
+    assert len([line for line in md.splitlines() if line.startswith("| mlp-") or line.startswith("| cnn-")]) == len(rows)
+    summary = [line for line in md.split("## Summary")[1].splitlines() if line.startswith("- ")]
+    assert len(summary) == 2 * len(STEP_QUICK_MODELS) * len(optimizers), summary
+
+
+def test_pruning_step_tie_free_weights(step_bench):
+    model = step_bench.cnn(8, 16, 16)
+    step_bench.set_tie_free_weights_(model, seed=1)
+    w = torch.cat([m.weight.reshape(-1) for m, _ in step_bench.prunable(model)])
+    assert w.abs().unique().numel() == w.numel() and (w > 0).any() and (w < 0).any()
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+@pytest.mark.parametrize("family,s_from", [("mlp", 0.5), ("cnn", 0.0), ("mlp-stack", 0.3)])
+def test_pruning_step_guard_passes(step_bench, family, s_from, opt):
+    w = step_bench.workloads(True, 2)[family]
+    step_bench.check_step(w, opt, s_from, 0.6, torch.device("cpu"), seed=2)
+
+
+def test_pruning_step_guard_stops_a_wrong_torch_count(step_bench, monkeypatch):
+    original = step_bench.torch_prune
+    monkeypatch.setattr(step_bench, "torch_prune", lambda params, amount: original(params, amount - 1))
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED .*mask entries differ"):
+        step_bench.check_step(step_bench.workloads(True, 2)["mlp"], "sgd", 0.5, 0.6, torch.device("cpu"), seed=0)
+
+
+def test_pruning_step_guard_stops_state_left_uncleared(step_bench, monkeypatch):
+    monkeypatch.setattr(step_bench, "ours_step", lambda model, handle, s: step_bench.prune_(model, s))
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED .*ours: layer \d state 'exp_avg' nonzero"):
+        step_bench.check_step(step_bench.workloads(True, 2)["mlp"], "adamw", 0.5, 0.6, torch.device("cpu"), seed=0)
+
+
+def test_cpu_median_ms_runs_before_untimed(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import time
+
+    from timing import cpu_median_ms
+    calls = []
+    t = cpu_median_ms(lambda i: calls.append(("step", i)), 2, warmup=1, min_reps=4, min_time_s=0.0,
+                      before=lambda i: (calls.append(("before", i)), time.sleep(0.02)), sync=lambda: None)
+    assert t.median < 10  # ms: the 20 ms sleeps of before() are not timed
+    assert calls == [(kind, i % 2) for i in (0, 0, 1, 2, 3) for kind in ("before", "step")]  # warm-up, then 4
+
+
+# ---- bench/bench_block_solve.py ------------------------------------------------------------------
+
+SOLVE_SCRIPT = REPO / "bench" / "bench_block_solve.py"
+
+
+@pytest.fixture
+def solve_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(SOLVE_SCRIPT.parent))
+    import bench_block_solve
+    return bench_block_solve
+
+
+def test_block_solve_cpu_quick_run_writes_rows_and_table(tmp_path, solve_bench):
+    run = subprocess.run([sys.executable, str(SOLVE_SCRIPT), "--device", "cpu", "--quick", "--out-dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (path,) = tmp_path.glob("block_solve_cpu-*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    sizes, rhs = solve_bench.CHOLESKY_SIZES["quick"], solve_bench.DEFAULT_RHS
+    ops = [("factor", None)] + [("solve", r) for r in rhs]
+    assert sorted((r["batch"], r["n"], r["op"], r["rhs"] or 0, r["method"]) for r in rows) == sorted(
+        (b, n, op, r or 0, m) for b, n in sizes for op, r in ops for m in ("torch", "ours"))
+
+    by = {(r["batch"], r["n"], r["op"], r["rhs"], r["method"]): r for r in rows}
+    for r in rows:
+        for key in ("date", "device", "torch", "triton", "git_sha", "copy_gbps"):
+            assert r[key] is not None, key
+        assert r["section"] == "cholesky" and r["quick"] is True and r["dtype"] == "float32"
+        assert r["timer"] == "perf_counter" and r["label"] in ("torch.linalg", "block_cholesky[cpu]")
+        assert r["ms"] > 0 and math.isfinite(r["ms"]) and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        b, n = r["batch"], r["n"]
+        flops = b * (n ** 3 / 3 if r["op"] == "factor" else 2 * n * n * r["rhs"])
+        assert r["gflops"] == pytest.approx(flops / r["ms"] / 1e6)
+        nbytes = 4 * b * (2 * n * n if r["op"] == "factor" else n * n + 2 * n * r["rhs"])
+        assert r["gbps"] == pytest.approx(nbytes / r["ms"] / 1e6)
+        torch_ms = by[b, n, r["op"], r["rhs"], "torch"]["ms"]
+        assert r["speedup_vs_torch"] == pytest.approx(torch_ms / r["ms"])
+        assert 0 <= r["rel_err_vs_fp64"] < solve_bench.TOLERANCE  # both methods, fp32 on condition < 5
+
+    (md_path,) = tmp_path.glob("block_solve_cpu-*.md")
+    md = md_path.read_text()
+    assert rows[0]["device"] in md and rows[0]["git_sha"] in md and rows[0]["torch"] in md
+    assert len([line for line in md.splitlines() if line.startswith(tuple(f"| {b} x {n}^2" for b, n in sizes))]) \
+        == len(rows)
+    targets = [line for line in md.split("## Targets")[1].splitlines() if line.startswith("- cholesky: ")]
+    assert len(targets) == len(rows) // 2 and all("no slower than torch" in t for t in targets), targets
+
+
+def test_block_solve_guard_stops_a_wrong_factor_or_solve(solve_bench, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    a = solve_bench.spd_blocks(4, 40, torch.device("cpu"), gen)
+    L = torch.linalg.cholesky(a)
+    bs = {3: torch.randn(4, 40, 3, generator=gen)}
+    factors = {"torch": L, "ours": L.contiguous()}
+    errors = solve_bench.check_cholesky(solve_bench.cholesky_methods(), a, factors, bs)
+    assert set(errors) == {("factor", 0, "torch"), ("factor", 0, "ours"), ("solve", 3, "torch"), ("solve", 3, "ours")}
+    assert max(errors.values()) < 1e-5
+
+    good = solve_bench.cholesky_methods()
+    wrong_factor = {**good, "factor": {**good["factor"], "ours": lambda a: solve_bench.block_cholesky(a) * (1 + 1e-3)}}
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED \(cholesky.*factor r=0 ours: relative error"):
+        solve_bench.check_cholesky(wrong_factor, a, factors, bs)
+    # one wrong element of one block's solution
+    def wrong(L, b):
+        x = solve_bench.block_cholesky_solve(L, b)
+        x[2, 17, 1] += 1e-2 * x[2].norm()
+        return x
+    wrong_solve = {**good, "solve": {**good["solve"], "ours": wrong}}
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED .*solve r=3 ours: relative error"):
+        solve_bench.check_cholesky(wrong_solve, a, factors, bs)
