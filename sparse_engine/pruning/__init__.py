@@ -6,6 +6,9 @@ granularity (``granularity``); every mask is chosen through ``sparse_engine.ops.
 """
 from sparse_engine.pruning.allocation import (ALLOCATIONS, Allocation, allocate, erk_densities, layer_densities,
                                               target_kept)
+from sparse_engine.pruning.chita import (CHITA_SCHEDULES, CHITA_STEPS, chita, chita_backsolve, chita_objective,
+                                         chita_plus_plus, chita_solve, chita_solve_blocks, chita_solve_ref,
+                                         chita_sparsities)
 from sparse_engine.pruning.granularity import GRANULARITIES, Granularity, check_nm, nm_mask, parse_granularity
 from sparse_engine.pruning.bn_recalibration import recalibrate_bn
 from sparse_engine.pruning.lr_schedules import (RETRAIN_SCHEDULES, ALLRSchedule, CLRSchedule, FTSchedule,
@@ -24,7 +27,8 @@ from sparse_engine.pruning.scores import (SCORES, custom_scores, fggp_keep_score
 
 __all__ = [
     "prune_", "global_magnitude_prune_", "Pruner", "OneShot", "IMP", "GMP", "FGGP", "Cyclical", "regrowth_scores",
-    "recalibrate_bn", "obs_layerwise", "obs_prune_weight", "obs_prune_weight_ref", "SCORES", "SCORE_INPUTS", "INPUTS",
+    "recalibrate_bn", "chita", "chita_plus_plus", "chita_solve", "chita_solve_blocks", "chita_solve_ref",
+    "chita_backsolve", "chita_objective", "chita_sparsities", "CHITA_SCHEDULES", "CHITA_STEPS", "obs_layerwise", "obs_prune_weight", "obs_prune_weight_ref", "SCORES", "SCORE_INPUTS", "INPUTS",
     "magnitude_scores", "gradient_scores", "saliency_scores", "grasp_scores", "synflow_scores", "wanda_scores",
     "lamp_scores", "lamp_transform", "random_scores", "custom_scores", "fggp_keep_scores",
     "ALLOCATIONS", "Allocation", "allocate", "layer_densities", "erk_densities", "target_kept",
