@@ -315,17 +315,22 @@ SOLVE_SCRIPT = REPO / "bench" / "bench_block_solve.py"
 
 @pytest.fixture
 def solve_bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(SOLVE_SCRIPT.parent))
-    import bench_block_solve
-    return bench_block_solve
+    return import_bench(monkeypatch, SOLVE_SCRIPT)
 
 
-def test_block_solve_cpu_quick_run_writes_rows_and_table(tmp_path, solve_bench):
-    run = subprocess.run([sys.executable, str(SOLVE_SCRIPT), "--device", "cpu", "--quick", "--out-dir", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    (path,) = tmp_path.glob("block_solve_cpu-*.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+@pytest.fixture(scope="module")
+def solve_quick_run(tmp_path_factory) -> tuple[list[dict], str]:
+    """One CPU quick run of every section, shared by the tests that read it: (rows, markdown)."""
+    out_dir = tmp_path_factory.mktemp("block_solve")
+    rows = quick_cpu_rows(SOLVE_SCRIPT, out_dir, "block_solve")
+    (md_path,) = out_dir.glob("block_solve_cpu-*.md")
+    return rows, md_path.read_text()
+
+
+def test_block_solve_cpu_quick_run_writes_rows_and_table(solve_quick_run, solve_bench):
+    all_rows, md = solve_quick_run
+    assert {r["section"] for r in all_rows} == set(solve_bench.SECTIONS)
+    rows = [r for r in all_rows if r["section"] == "cholesky"]
     sizes, rhs = solve_bench.CHOLESKY_SIZES["quick"], solve_bench.DEFAULT_RHS
     ops = [("factor", None)] + [("solve", r) for r in rhs]
     assert sorted((r["batch"], r["n"], r["op"], r["rhs"] or 0, r["method"]) for r in rows) == sorted(
@@ -347,8 +352,6 @@ def test_block_solve_cpu_quick_run_writes_rows_and_table(tmp_path, solve_bench):
         assert r["speedup_vs_torch"] == pytest.approx(torch_ms / r["ms"])
         assert 0 <= r["rel_err_vs_fp64"] < solve_bench.TOLERANCE  # both methods, fp32 on condition < 5
 
-    (md_path,) = tmp_path.glob("block_solve_cpu-*.md")
-    md = md_path.read_text()
     assert rows[0]["device"] in md and rows[0]["git_sha"] in md and rows[0]["torch"] in md
     assert len([line for line in md.splitlines() if line.startswith(tuple(f"| {b} x {n}^2" for b, n in sizes))]) \
         == len(rows)
@@ -378,3 +381,103 @@ def test_block_solve_guard_stops_a_wrong_factor_or_solve(solve_bench, monkeypatc
     wrong_solve = {**good, "solve": {**good["solve"], "ours": wrong}}
     with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED .*solve r=3 ours: relative error"):
         solve_bench.check_cholesky(wrong_solve, a, factors, bs)
+
+
+def test_block_solve_obs_and_chita_quick_rows(solve_quick_run, solve_bench):
+    all_rows, md = solve_quick_run
+    obs = {r["method"]: r for r in all_rows if r["section"] == "obs"}
+    chita = {r["method"]: r for r in all_rows if r["section"] == "chita"}
+    assert set(obs) == {"torch_loop", "ours"} and set(chita) == {"torch_ref", "ours"}  # ours_cpu: CUDA runs only
+    rows_, cols = solve_bench.OBS_SHAPES["quick"]
+    n, p = solve_bench.CHITA_SHAPES["quick"]
+    for r in [*obs.values(), *chita.values()]:
+        for key in ("date", "device", "torch", "git_sha", "copy_gbps"):
+            assert r[key] is not None, key
+        assert r["quick"] is True and r["dtype"] == "float32" and r["timer"] == "perf_counter"
+        assert r["ms"] > 0 and math.isfinite(r["ms"]) and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+    base = obs["torch_loop"]
+    for r in obs.values():
+        assert (r["rows"], r["cols"], r["block"], r["sparsity"]) == (rows_, cols, solve_bench.OBS_BLOCK,
+                                                                     solve_bench.OBS_SPARSITY)
+        assert r["speedup_vs_torch"] == pytest.approx(base["ms"] / r["ms"])
+        assert r["rel_err_vs_loop"] == pytest.approx(abs(r["recon_err"] - base["recon_err"]) / base["recon_err"])
+        assert r["rel_err_vs_loop"] <= solve_bench.OBS_ERROR_RTOL
+        assert 0 < r["err_vs_magnitude"] < 1  # OBS beats magnitude on correlated inputs
+    ref = chita["torch_ref"]
+    for r in chita.values():
+        assert (r["n"], r["p"], r["k"], r["solve_device"]) == (n, p, p - round(solve_bench.CHITA_SPARSITY * p), "cpu")
+        assert r["speedup_vs_torch"] == pytest.approx(ref["ms"] / r["ms"])
+        assert r["rel_obj_vs_ref"] == pytest.approx((r["objective"] - ref["objective"]) / ref["objective"])
+        assert r["rel_obj_vs_ref"] <= solve_bench.CHITA_OBJ_RTOL and 0 < r["obj_vs_magnitude"] <= 1
+    assert len([line for line in md.splitlines() if line.startswith(f"| {rows_} x {cols} |")]) == 2
+    assert len([line for line in md.splitlines() if line.startswith(f"| {n} x {p} |")]) == 2
+    targets = md.split("## Targets")[1].splitlines()
+    assert len([t for t in targets if t.startswith("- obs: ") and "no slower" in t]) == 1
+    assert len([t for t in targets if t.startswith("- chita: ") and "no slower" in t]) == 1
+
+
+def test_block_solve_obs_guard(solve_bench):
+    gen = torch.Generator().manual_seed(3)
+    problem = solve_bench.obs_problem(24, 70, torch.device("cpu"), gen)
+    good = solve_bench.obs_methods(0.6, 32, 0.01)
+    errors = solve_bench.check_obs(good, problem, 0.6)
+    assert errors["ours"]["rel_err_vs_loop"] < 1e-5 and errors["ours"]["err"] < errors["magnitude"]["err"]
+
+    def magnitude(p):  # the right count, but no OBS update: a larger error
+        keep = torch.zeros(p.W.numel(), dtype=torch.bool)
+        keep[p.W.abs().flatten().topk(p.W.numel() - round(0.6 * p.W.numel())).indices] = True
+        keep = keep.view_as(p.W)
+        return p.W * keep, keep
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED \(obs.*ours: reconstruction error"):
+        solve_bench.check_obs({**good, "ours": magnitude}, problem, 0.6)
+
+    def one_short(p):
+        W, keep = good["ours"](p)
+        keep = keep.contiguous()  # ours returns a transposed view
+        keep.view(-1)[int((~keep).flatten().nonzero()[0])] = True
+        return W, keep
+    with pytest.raises(SystemExit, match=r"ours: \d+ weights pruned, expected \d+"):
+        solve_bench.check_obs({**good, "ours": one_short}, problem, 0.6)
+
+
+def test_block_solve_chita_guard(solve_bench):
+    gen = torch.Generator().manual_seed(4)
+    problem = solve_bench.chita_problem(40, 300, 0.8, torch.device("cpu"), gen)
+    good = solve_bench.chita_methods()
+    objs = solve_bench.check_chita(good, problem)
+    assert objs["ours"]["obj"] <= objs["torch_ref"]["obj"] * (1 + 1e-6) < objs["magnitude"]["obj"]
+
+    def backsolve_only(q):  # magnitude's support, backsolved: valid, but worse than IHT here
+        return solve_bench.chita_solve(q.X, q.w0, q.k, q.l2, iters=0)
+    assert solve_bench.chita_objective(problem.X.double(), backsolve_only(problem)[0].double(),
+                                       problem.w0.double(), problem.l2) > objs["ours"]["obj"] * (1 + 1e-3)
+    with pytest.raises(SystemExit, match=r"CORRECTNESS GUARD FAILED \(chita.*ours: objective .* above the plain"):
+        solve_bench.check_chita({**good, "ours": backsolve_only}, problem)
+
+    def one_more(q):
+        w, keep = good["ours"](q)
+        keep[int((~keep).nonzero()[0])] = True
+        return w, keep
+    with pytest.raises(SystemExit, match=r"ours: \d+ weights kept, expected \d+"):
+        solve_bench.check_chita({**good, "ours": one_more}, problem)
+
+
+def test_block_solve_gpu_targets_read_speedups_and_errors(solve_bench):
+    cuda = torch.device("cuda")
+    obs = [dict(method="torch_loop", ms=30.0, ms_p20=29.0, ms_p80=31.0, rows=4096, cols=4096, rel_err_vs_loop=0.0,
+                speedup_vs_torch=1.0),
+           dict(method="ours", ms=8.0, ms_p20=8.0, ms_p80=8.0, rows=4096, cols=4096, rel_err_vs_loop=2e-7,
+                speedup_vs_torch=3.75)]
+    assert solve_bench.obs_targets(obs, cuda)[0].startswith("met ")
+    obs[1]["rel_err_vs_loop"] = 2e-3  # fast, but a different error: not met
+    assert solve_bench.obs_targets(obs, cuda)[0].startswith("NOT met")
+    chita = [dict(method="torch_ref", ms=900.0, ms_p20=900.0, ms_p80=900.0, n=1000, p=1 << 20, objective=5.0,
+                  rel_obj_vs_ref=0.0),
+             dict(method="ours", ms=40.0, ms_p20=40.0, ms_p80=40.0, n=1000, p=1 << 20, objective=5.0,
+                  rel_obj_vs_ref=0.0),
+             dict(method="ours_cpu", ms=1000.0, ms_p20=1000.0, ms_p80=1000.0, n=1000, p=1 << 20, objective=5.001,
+                  rel_obj_vs_ref=2e-4)]
+    line = solve_bench.chita_targets(chita, cuda)[0]
+    assert line.startswith("met ") and "= 25 " in line
+    chita[2]["objective"] = 5.1  # GPU and CPU disagree on the objective: not met
+    assert solve_bench.chita_targets(chita, cuda)[0].startswith("NOT met")

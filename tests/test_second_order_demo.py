@@ -1,0 +1,110 @@
+"""The second-order demo (``python -m sparse_engine.second_order_demo``) end to end on small IDX
+files written by the test: every method at every sparsity, exact counts, the l2 choice on the
+validation split, and what it prints and writes. The real data set is used by
+``make demo-second-order``."""
+import json
+
+import pytest
+import torch
+from test_data_and_demo import make_dataset
+
+from sparse_engine.second_order_demo import METHODS, main, mlp, parse_args
+
+LAYERS = {"1": 784 * 40, "3": 40 * 20, "5": 20 * 10}
+WEIGHTS = sum(LAYERS.values())
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tiny problems: OpenMP threads only add synchronisation on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_prunes_every_method_exactly_and_writes_results(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data", n_train=400, n_test=120)
+    out = tmp_path / "out"
+    sparsities = [0.5, 0.9, 0.98]
+    l2_grid = [1e-2, 1e-4]
+    rows = main(["--data-dir", str(root), "--epochs", "2", "--val-size", "100", "--n-grads", "64",
+                 "--sparsities", *map(str, sparsities), "--l2", *map(str, l2_grid), "--stages", "2",
+                 "--iht-iters", "5", "--obs-block-size", "16", "--out", str(out)])
+
+    assert [(r["method"], r["target"]) for r in rows] == [(m, s) for s in sparsities for m in METHODS]
+    by = {(r["method"], r["target"]): r for r in rows}
+    for r in rows:
+        s = r["target"]
+        pruned = round(s * WEIGHTS)
+        assert r["weights"] == WEIGHTS and r["kept"] == WEIGHTS - pruned, r
+        assert r["sparsity"] == pytest.approx(pruned / WEIGHTS, abs=1e-12)
+        assert sum(k for k, _ in r["layers"].values()) == r["kept"]
+        assert {name: n for name, (_, n) in r["layers"].items()} == LAYERS
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0 and r["seconds"] > 0
+        if r["method"] == "OBS uniform":
+            # SparseGPT's allocation: every layer at the target, exactly.
+            assert r["layers"] == {name: [n - round(s * n), n] for name, n in LAYERS.items()}
+        if r["method"] == "OBS global-alloc":
+            # Global magnitude's layer budgets, per layer.
+            assert r["layers"] == by["magnitude", s]["layers"]
+        if r["method"] == "CHITA":
+            trials = r["tuning"]
+            assert [t["l2"] for t in trials] == l2_grid
+            best = max(trials, key=lambda t: (t["val_acc"], -t["l2"]))  # ties: the smaller l2
+            assert r["l2"] == best["l2"] and r["val_acc"] == best["val_acc"]
+            assert r["tuning_seconds"] == pytest.approx(sum(t["seconds"] for t in trials))
+            assert by["CHITA++", s]["l2"] == r["l2"]  # CHITA++ takes CHITA's choice
+        elif r["method"] != "CHITA++":
+            assert r["l2"] is None
+
+    # At 98% global magnitude prunes the barely trained first layer (the smallest init scale) entirely:
+    # OBS global-alloc zeroes it instead of solving.
+    assert by["OBS global-alloc", 0.98]["layers"]["1"] == [0, LAYERS["1"]]
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == rows
+    meta = saved["meta"]
+    assert meta["torch"] == torch.__version__ and meta["device"] == "cpu"
+    assert (meta["train_size"], meta["val_size"], meta["test_size"]) == (300, 100, 120)
+    assert meta["settings"]["n_grads"] == 64 and meta["settings"]["l2"] == l2_grid
+    assert meta["settings"]["stages"] == 2 and meta["settings"]["sparsities"] == sparsities
+    assert 0.0 <= meta["dense"]["test_acc"] <= 1.0 and meta["total_seconds"] > 0
+
+    printed = capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert table.strip() in printed
+    acc_lines = [line for line in table.split("Wall time")[0].splitlines() if line.startswith("| ")]
+    assert acc_lines[0] == "| method | 50% | 90% | 98% |"
+    assert [line.split(" | ")[0][2:] for line in acc_lines[1:]] == ["dense", *METHODS]
+    chita_line = next(line for line in acc_lines if line.startswith("| CHITA |"))
+    assert chita_line == "| CHITA | " + " | ".join(f"{100 * by['CHITA', s]['test_acc']:.2f}" for s in sparsities) + " |"
+    assert "| l2 | " + " | ".join(f"{by['CHITA', s]['l2']:g}" for s in sparsities) + " |" in table
+
+
+def test_demo_single_l2_without_validation(tmp_path):
+    root = make_dataset(tmp_path / "data", n_train=200, n_test=50)
+    rows = main(["--data-dir", str(root), "--epochs", "1", "--val-size", "0", "--n-grads", "32",
+                 "--sparsities", "0.8", "--methods", "magnitude", "CHITA", "--l2", "1e-3", "--iht-iters", "3",
+                 "--out", str(tmp_path / "out")])
+    assert [r["method"] for r in rows] == ["magnitude", "CHITA"]
+    assert all(r["kept"] == WEIGHTS - round(0.8 * WEIGHTS) and r["val_acc"] is None for r in rows)
+    assert rows[1]["l2"] == 1e-3 and "tuning" not in rows[1]
+
+
+def test_demo_model_and_bad_arguments(tmp_path, capsys):
+    model = mlp()
+    assert [tuple(m.weight.shape) for m in model if hasattr(m, "weight")] == [(40, 784), (20, 40), (10, 20)]
+    assert all(getattr(m, "bias", None) is None for m in model)
+    for argv, message in [(["--sparsities", "1.0"], "--sparsities must lie in"),
+                          (["--l2", "0"], "--l2 must be > 0"),
+                          (["--l2", "1e-3", "1e-4", "--val-size", "0"], "needs a validation split"),
+                          (["--epochs", "0"], "--epochs")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--data-dir"):
+        main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    root = make_dataset(tmp_path / "data", n_train=100, n_test=10)
+    with pytest.raises(SystemExit, match="fewer than"):
+        main(["--data-dir", str(root), "--val-size", "50", "--n-grads", "80", "--out", str(tmp_path / "out")])
