@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from record import REPO, append_jsonl, device_slug, markdown_table, run_metadata
+from record import REPO, device_slug, markdown_table, run_metadata, write_results
 from timing import Times, copy_gbps, cpu_median_ms, device_median_ms
 
 import sparse_engine
@@ -710,12 +710,7 @@ def main(argv=None) -> None:
     sections = {name: SECTIONS[name](device, args, meta) for name in args.sections}
     rows = [row for s in sections.values() for row in s.rows]
     name = f"{BENCH}_{device_slug(device)}"
-    append_jsonl(out_dir / f"{name}.jsonl", rows)
-    text = markdown(sections, meta, command)
-    (out_dir / f"{name}.md").write_text(text)
-    print()
-    print(text)
-    print(f"wrote {out_dir / (name + '.md')} and appended {len(rows)} rows to {out_dir / (name + '.jsonl')}")
+    write_results(out_dir, name, rows, markdown(sections, meta, command))
 
 
 if __name__ == "__main__":

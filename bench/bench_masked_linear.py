@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import prune
 
-from record import REPO, append_jsonl, device_slug, markdown_table, run_metadata
+from record import REPO, device_slug, markdown_table, run_metadata, write_results
 from timing import Times, cpu_median_ms, cuda_events_ms, cuda_graph_ms, cuda_peak_bytes
 
 import sparse_engine
@@ -529,12 +529,7 @@ def main(argv=None) -> None:
 
     targets = target_lines(rows)
     name = f"{BENCH}_{device_slug(device)}"
-    append_jsonl(out_dir / f"{name}.jsonl", rows)
-    text = markdown(rows, meta, targets, command)
-    (out_dir / f"{name}.md").write_text(text)
-    print()
-    print(text)
-    print(f"wrote {out_dir / (name + '.md')} and appended {len(rows)} rows to {out_dir / (name + '.jsonl')}")
+    write_results(out_dir, name, rows, markdown(rows, meta, targets, command))
 
 
 if __name__ == "__main__":

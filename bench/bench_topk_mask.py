@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from record import REPO, append_jsonl, device_slug, markdown_table, run_metadata
+from record import REPO, device_slug, markdown_table, run_metadata, write_results
 from timing import Times, copy_gbps, cpu_peak_bytes, cuda_peak_bytes, device_median_ms
 
 import sparse_engine
@@ -573,12 +573,7 @@ def main(argv=None) -> None:
                     torch.cuda.empty_cache()
     targets = target_lines(rows, device)
     name = f"{BENCH}_{device_slug(device)}"
-    append_jsonl(out_dir / f"{name}.jsonl", rows)
-    text = markdown(rows, meta, targets, command)
-    (out_dir / f"{name}.md").write_text(text)
-    print()
-    print(text)
-    print(f"wrote {out_dir / (name + '.md')} and appended {len(rows)} rows to {out_dir / (name + '.jsonl')}")
+    write_results(out_dir, name, rows, markdown(rows, meta, targets, command))
 
 
 if __name__ == "__main__":
