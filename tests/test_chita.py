@@ -21,6 +21,7 @@ from sparse_engine.pruning.chita import (CHITA_SCHEDULES, chita, chita_backsolve
                                          chita_solve, chita_solve_blocks, chita_solve_ref, chita_sparsities)
 
 chita_module = importlib.import_module("sparse_engine.pruning.chita")
+chita_solver = importlib.import_module("sparse_engine.pruning.chita_solver")
 
 
 @pytest.fixture(autouse=True)
@@ -320,8 +321,8 @@ def test_row_selection_paths_agree_with_ties():
     the same keep rule (largest first, ties to the lower index), also on ties."""
     scores = torch.tensor([3.0, 1.0, 3.0, 0.0, 1.0, 1.0, 2.0, 0.0, 3.0])
     for k in range(scores.numel() + 1):
-        single = chita_module._topk_rows(scores[None], torch.tensor([k]))
-        rows = chita_module._topk_rows(scores.expand(3, -1), torch.tensor([k, k, k]))
+        single = chita_solver._topk_rows(scores[None], torch.tensor([k]))
+        rows = chita_solver._topk_rows(scores.expand(3, -1), torch.tensor([k, k, k]))
         assert torch.equal(single[0], rows[0]) and torch.equal(rows[0], rows[2])
         assert int(single.sum()) == k
         if 0 < k < scores.numel():
