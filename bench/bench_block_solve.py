@@ -44,14 +44,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from record import REPO, device_slug, markdown_table, run_metadata, write_results
+from record import command_line, device_slug, markdown_table, results_dir, run_metadata, write_results
 from timing import Times, copy_gbps, cpu_median_ms, device_median_ms
 
 import sparse_engine
@@ -693,9 +692,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_block_solve_")) if args.quick
-                               else REPO / "bench" / "results")
-    command = " ".join(["python", "bench/bench_block_solve.py", *(argv if argv is not None else sys.argv[1:])])
+    out_dir = results_dir(args.out_dir, args.quick, BENCH)
+    command = command_line("bench_block_solve.py", argv)
 
     meta = run_metadata(device)
     meta["sparse_engine"] = sparse_engine.__version__

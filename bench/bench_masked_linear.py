@@ -25,7 +25,6 @@ table rewritten to <out-dir>/masked_linear_<device>.md.
 import argparse
 import math
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import prune
 
-from record import REPO, device_slug, markdown_table, run_metadata, write_results
+from record import command_line, device_slug, markdown_table, results_dir, run_metadata, write_results
 from timing import Times, cpu_median_ms, cuda_events_ms, cuda_graph_ms, cuda_peak_bytes
 
 import sparse_engine
@@ -505,9 +504,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     shapes = args.shapes or DEFAULT_SHAPES["quick" if args.quick else args.device]
     dtypes = [DTYPES[d] for d in (args.dtypes or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"]))]
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_masked_linear_")) if args.quick
-                               else REPO / "bench" / "results")
-    command = " ".join(["python", "bench/bench_masked_linear.py", *(argv if argv is not None else sys.argv[1:])])
+    out_dir = results_dir(args.out_dir, args.quick, BENCH)
+    command = command_line("bench_masked_linear.py", argv)
 
     meta = run_metadata(device)
     meta["sparse_engine"] = sparse_engine.__version__

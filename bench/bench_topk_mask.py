@@ -35,13 +35,12 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from record import REPO, device_slug, markdown_table, run_metadata, write_results
+from record import command_line, device_slug, markdown_table, results_dir, run_metadata, write_results
 from timing import Times, copy_gbps, cpu_peak_bytes, cuda_peak_bytes, device_median_ms
 
 import sparse_engine
@@ -550,9 +549,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.sizes or DEFAULT_SIZES["quick" if args.quick else args.device]
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_topk_mask_")) if args.quick
-                               else REPO / "bench" / "results")
-    command = " ".join(["python", "bench/bench_topk_mask.py", *(argv if argv is not None else sys.argv[1:])])
+    out_dir = results_dir(args.out_dir, args.quick, BENCH)
+    command = command_line("bench_topk_mask.py", argv)
 
     meta = run_metadata(device)
     meta["sparse_engine"] = sparse_engine.__version__
