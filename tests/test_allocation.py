@@ -7,7 +7,7 @@ from torch import nn
 
 from sparse_engine import sparsify, sparsity_report
 from sparse_engine.pruning import allocate, erk_densities, lamp_transform, layer_densities, prune_, target_kept
-from sparse_engine.pruning.allocation import apportion, fit_densities
+from sparse_engine.pruning.select.allocation import apportion, fit_densities
 
 # A small CNN's weight shapes: conv 3->16, conv 16->32, linear 512->64, linear 64->10.
 SHAPES = [(16, 3, 3, 3), (32, 16, 3, 3), (64, 512), (10, 64)]

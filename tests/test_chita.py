@@ -17,11 +17,11 @@ from torch import nn
 from sparse_engine import sparse_modules, sparsify
 from sparse_engine.ops.block_solve import block_solve
 from sparse_engine.pruning import global_magnitude_prune_, target_kept
-from sparse_engine.pruning.chita import (CHITA_SCHEDULES, chita, chita_backsolve, chita_objective, chita_plus_plus,
+from sparse_engine.pruning.second_order.chita import (CHITA_SCHEDULES, chita, chita_backsolve, chita_objective, chita_plus_plus,
                                          chita_solve, chita_solve_blocks, chita_solve_ref, chita_sparsities)
 
-chita_module = importlib.import_module("sparse_engine.pruning.chita")
-chita_solver = importlib.import_module("sparse_engine.pruning.chita_solver")
+chita_module = importlib.import_module("sparse_engine.pruning.second_order.chita")
+chita_solver = importlib.import_module("sparse_engine.pruning.second_order.chita_solver")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from torch import nn
 
 from sparse_engine import sparsify
 from sparse_engine.pruning import Granularity, check_nm, nm_mask, parse_granularity, prune_
-from sparse_engine.pruning.granularity import block_norms
+from sparse_engine.pruning.select.granularity import block_norms
 
 
 def nm_reference(scores, n, m):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_engine.pruning.lr_schedules import (ALLRSchedule, CLRSchedule, FTSchedule, LLRSchedule, LRWSchedule,
+from sparse_engine.pruning.methods.lr_schedules import (ALLRSchedule, CLRSchedule, FTSchedule, LLRSchedule, LRWSchedule,
                                                 RETRAIN_SCHEDULES, SLRSchedule, allr_initial_lr, relative_norm_drop,
                                                 retrain_lr_schedule)
 

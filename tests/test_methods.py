@@ -11,12 +11,12 @@ from torch import nn
 from sparse_engine import sparse_modules, sparsify
 from sparse_engine.nn.mask_optimizer import mask_optimizer
 from sparse_engine.pruning import prune_
-from sparse_engine.pruning.allocation import target_kept
-from sparse_engine.pruning.bn_recalibration import recalibrate_bn
-from sparse_engine.pruning.lr_schedules import ALLRSchedule, relative_norm_drop, retrain_lr_schedule
-from sparse_engine.pruning.methods import FGGP, GMP, IMP, Cyclical, OneShot
-from sparse_engine.pruning.pruner import installed_mask_optimizer
-from sparse_engine.pruning.schedules import cubic_sparsity, cyclical_sparsity
+from sparse_engine.pruning.select.allocation import target_kept
+from sparse_engine.pruning.methods.bn_recalibration import recalibrate_bn
+from sparse_engine.pruning.methods.lr_schedules import ALLRSchedule, relative_norm_drop, retrain_lr_schedule
+from sparse_engine.pruning.methods.pruners import FGGP, GMP, IMP, Cyclical, OneShot
+from sparse_engine.pruning.methods.pruner import installed_mask_optimizer
+from sparse_engine.pruning.methods.schedules import cubic_sparsity, cyclical_sparsity
 
 N_WEIGHTS = 12 * 16 + 16 * 4  # the MLP's sparse weights: 256
 

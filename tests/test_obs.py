@@ -13,7 +13,7 @@ from torch import nn
 from sparse_engine import sparse_modules, sparsify
 from sparse_engine.pruning import check_nm, nm_mask, prune_
 
-obs = importlib.import_module("sparse_engine.pruning.obs")
+obs = importlib.import_module("sparse_engine.pruning.second_order.obs")
 obs_prune_weight, obs_prune_weight_ref, obs_layerwise = (obs.obs_prune_weight, obs.obs_prune_weight_ref,
                                                       obs.obs_layerwise)
 

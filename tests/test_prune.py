@@ -13,7 +13,7 @@ from sparse_engine.pruning import (allocate, global_magnitude_prune_, gradient_s
                                    magnitude_scores, prune_, random_scores, saliency_scores, synflow_scores,
                                    target_kept, wanda_scores)
 
-prune_module = importlib.import_module("sparse_engine.pruning.prune")
+prune_module = importlib.import_module("sparse_engine.pruning.select.prune")
 
 
 def mlp():

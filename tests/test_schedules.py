@@ -5,7 +5,7 @@ import warnings
 import pytest
 from torch import nn
 
-from sparse_engine.pruning.schedules import (cubic_sparsity, cycle_index, cycle_start, cyclical_sparsity,
+from sparse_engine.pruning.methods.schedules import (cubic_sparsity, cycle_index, cycle_start, cyclical_sparsity,
                                              imp_phase_rate, imp_phase_sparsities, one_shot_sparsity)
 
 

@@ -33,7 +33,7 @@ element of the row-major weight wins):
   spread over the blocks in proportion to their columns: the blocks up to column ``c`` prune
   ``round_half_up(P * c / cols)`` in total, so block ``b`` prunes the difference and keeps the
   rest through ``topk_mask``.
-* ``N:M`` (``N`` kept of every ``M`` consecutive columns, ``sparse_engine.pruning.granularity``):
+* ``N:M`` (``N`` kept of every ``M`` consecutive columns, ``sparse_engine.pruning.select.granularity``):
   when the sweep reaches the first column of a group, each row keeps the ``N`` best scores of
   the group's ``M`` (current, already updated) columns through ``nm_mask``. ``block_size`` must
   be a multiple of ``M`` so that no group straddles two blocks.
@@ -66,10 +66,10 @@ from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask
-from sparse_engine.pruning.allocation import target_kept
-from sparse_engine.pruning.granularity import Granularity, nm_mask, parse_granularity
-from sparse_engine.pruning.prune import _layers
-from sparse_engine.pruning.scores import _buffers_restored, _calib_inputs
+from sparse_engine.pruning.select.allocation import target_kept
+from sparse_engine.pruning.select.granularity import Granularity, nm_mask, parse_granularity
+from sparse_engine.pruning.select.prune import _layers
+from sparse_engine.pruning.select.scores import _buffers_restored, _calib_inputs
 
 NMPattern = Union[None, str, tuple[int, int]]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -2,7 +2,7 @@
 from torch import nn
 
 from sparse_engine.nn.sparsify import SparsityReport
-from sparse_engine.pruning.prune import prune_
+from sparse_engine.pruning.select.prune import prune_
 
 
 def global_magnitude_prune_(model: nn.Module, sparsity: float) -> SparsityReport:

@@ -5,7 +5,7 @@
     prune_(model, 0.5, "wanda", granularity="2:4", calib_data=x)
     prune_(model, 0.98, "synflow", "global", input_shape=(1, 3, 32, 32), iterations=100)
 
-Steps: score every weight of the layers being pruned (``sparse_engine.pruning.scores``), split
+Steps: score every weight of the layers being pruned (``sparse_engine.pruning.select.scores``), split
 the kept count between layers (``allocation``), and keep the best-scored units of each group
 through ``topk_mask`` at the chosen granularity (``granularity``), then ``layer.set_mask``.
 """
@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparsify import Selector, SparsityReport, name_matcher, sparse_modules, sparsity_report
-from sparse_engine.pruning.allocation import ALLOCATIONS, allocate
-from sparse_engine.pruning.granularity import Granularity, nm_mask, parse_granularity, select
-from sparse_engine.pruning.scores import (SCORE_FUNCTIONS, SCORES, _data_grads, custom_scores, fggp_keep_scores,
+from sparse_engine.pruning.select.allocation import ALLOCATIONS, allocate
+from sparse_engine.pruning.select.granularity import Granularity, nm_mask, parse_granularity, select
+from sparse_engine.pruning.select.scores import (SCORE_FUNCTIONS, SCORES, _data_grads, custom_scores, fggp_keep_scores,
                                           lamp_transform)
 
 # What each score reads from prune_'s **inputs: (required, optional).
@@ -147,13 +147,13 @@ def prune_(model: nn.Module, sparsity: float, score: Union[str, Mapping[str, Ten
         sparsity: the fraction of pruned weights over the layers being pruned (excluded layers do
             not count), in [0, 1). The kept count is ``n - round(sparsity * n)``, as
             ``torch.nn.utils.prune`` rounds (see ``allocation``).
-        score: a name in ``SCORES`` (``sparse_engine.pruning.scores``) or a dict of custom scores
+        score: a name in ``SCORES`` (``sparse_engine.pruning.select.scores``) or a dict of custom scores
             ``{layer name: float tensor of the weight's shape}``; larger scores are kept.
         allocation: ``"global"``, ``"uniform"``, ``"uniform+"``, ``"erk"``, ``"lamp"`` or a dict
-            ``{layer name: sparsity}`` (``sparse_engine.pruning.allocation``).
+            ``{layer name: sparsity}`` (``sparse_engine.pruning.select.allocation``).
         granularity: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``; then ``sparsity`` must be
             ``1 - N/M`` and the allocation ``"global"`` or ``"uniform"``) or ``"BxB"`` blocks
-            (e.g. ``"32x32"``) (``sparse_engine.pruning.granularity``).
+            (e.g. ``"32x32"``) (``sparse_engine.pruning.select.granularity``).
         regrow: False (default): weights pruned now stay pruned: they score ``-inf`` (units
             without a kept weight, for blocks), so they are the first pruned, and a target that
             would keep more than the unpruned weights (of a layer, for per-layer allocations) is

@@ -1,6 +1,6 @@
 """CHITA and CHITA++ on models (Benbaki et al., ICML 2023, "Fast as CHITA: Neural Network
 Pruning with Combinatorial Optimization"): one-shot pruning as an L0-constrained least-squares
-problem; the solver, and what it solves, are in ``sparse_engine.pruning.chita_solver``.
+problem; the solver, and what it solves, are in ``sparse_engine.pruning.second_order.chita_solver``.
 
     report = chita(model, F.cross_entropy, loader, 0.9, n_grads=1000, l2=1e-4)
     report = chita_plus_plus(model, F.cross_entropy, loader, 0.98, stages=5, schedule="exponential")
@@ -37,12 +37,12 @@ from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import topk_mask
-from sparse_engine.pruning.allocation import target_kept
-from sparse_engine.pruning.chita_solver import (CHITA_STEPS, _check_int, _check_number, _options,  # noqa: F401
+from sparse_engine.pruning.select.allocation import target_kept
+from sparse_engine.pruning.second_order.chita_solver import (CHITA_STEPS, _check_int, _check_number, _options,  # noqa: F401
                                                 chita_backsolve, chita_objective, chita_solve, chita_solve_blocks,
                                                 chita_solve_ref)
-from sparse_engine.pruning.prune import _layers
-from sparse_engine.pruning.scores import _buffers_restored, _conv_forward, _linear_forward
+from sparse_engine.pruning.select.prune import _layers
+from sparse_engine.pruning.select.scores import _buffers_restored, _conv_forward, _linear_forward
 
 CHITA_SCHEDULES = ("exponential", "cubic", "linear", "constant")
 _GRAD_CHUNK_ELEMS = 1 << 24    # per-sample gradients held at once while collecting (64 MiB)

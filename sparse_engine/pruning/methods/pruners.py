@@ -11,10 +11,10 @@
             pruner.step()         # counts steps (and steps IMP's LR schedule)
         pruner.on_epoch_end()     # IMP prunes here at the end of each phase
 
-Each method reads its targets from ``sparse_engine.pruning.schedules`` and changes masks only
+Each method reads its targets from ``sparse_engine.pruning.methods.schedules`` and changes masks only
 through ``prune_``; the shared machinery (step counting, ``mask_optimizer``, BatchNorm
 recalibration, checkpointing) is ``sparse_engine.pruning.pruner.Pruner``; IMP, with its phases,
-retraining LR schedules and rewinding, lives in ``sparse_engine.pruning.imp``. Step ``t`` counts
+retraining LR schedules and rewinding, lives in ``sparse_engine.pruning.methods.imp``. Step ``t`` counts
 optimizer steps; the schedule's value at ``t`` is applied after the ``t``-th optimizer step, and
 at the construction for ``t = 0``.
 
@@ -34,9 +34,9 @@ FGGP       every ``frequency`` ``prune_``'s "fggp" rule, gradients from ``.grad`
 import numbers
 from typing import Callable, Optional
 
-from sparse_engine.pruning.imp import IMP
-from sparse_engine.pruning.pruner import SCORED_OPTIONS, SELECTION_OPTIONS, Pruner, check_int, check_sparsity
-from sparse_engine.pruning.schedules import (cubic_sparsity, cycle_index, cycle_start, cyclical_sparsity,
+from sparse_engine.pruning.methods.imp import IMP
+from sparse_engine.pruning.methods.pruner import SCORED_OPTIONS, SELECTION_OPTIONS, Pruner, check_int, check_sparsity
+from sparse_engine.pruning.methods.schedules import (cubic_sparsity, cycle_index, cycle_start, cyclical_sparsity,
                                              one_shot_sparsity)
 
 __all__ = ["OneShot", "IMP", "GMP", "FGGP", "Cyclical"]

@@ -7,7 +7,7 @@
     cycle_start(step, cycles=4, total_steps=10_000)    # recompute masks over all weights here
 
 A step is an integer >= 0, counted however the caller counts (iterations or epochs). Nothing here
-holds state or touches tensors: the pruners in ``sparse_engine.pruning.methods`` read these
+holds state or touches tensors: the pruners in ``sparse_engine.pruning.methods.pruners`` read these
 values and change masks through ``prune_``.
 """
 import math

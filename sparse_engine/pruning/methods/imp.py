@@ -3,17 +3,17 @@
     pruner = IMP(model, optimizer, 0.9, phases=3, epochs_per_phase=2, lr_schedule="llr",
                  steps_per_epoch=len(loader), lr_options={"max_lr": 0.1})
 
-(a ``sparse_engine.pruning.pruner.Pruner``; the loop is in ``sparse_engine.pruning.methods``).
+(a ``sparse_engine.pruning.methods.Pruner``; the loop is in ``sparse_engine.pruning.methods.pruners``).
 """
 import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from sparse_engine.pruning.lr_schedules import RETRAIN_SCHEDULES, relative_norm_drop, retrain_lr_schedule
-from sparse_engine.pruning.prune import prune_
-from sparse_engine.pruning.pruner import SCORED_OPTIONS, Pruner, check_int, check_sparsity
-from sparse_engine.pruning.schedules import imp_phase_sparsities
+from sparse_engine.pruning.methods.lr_schedules import RETRAIN_SCHEDULES, relative_norm_drop, retrain_lr_schedule
+from sparse_engine.pruning.select.prune import prune_
+from sparse_engine.pruning.methods.pruner import SCORED_OPTIONS, Pruner, check_int, check_sparsity
+from sparse_engine.pruning.methods.schedules import imp_phase_sparsities
 
 
 class IMP(Pruner):

@@ -1,6 +1,6 @@
 """The CHITA solver (Benbaki et al., ICML 2023, "Fast as CHITA: Neural Network Pruning with
 Combinatorial Optimization"): the L0-constrained least-squares problem on a low-rank Fisher.
-The model-level ``chita`` and ``chita_plus_plus`` are in ``sparse_engine.pruning.chita``.
+The model-level ``chita`` and ``chita_plus_plus`` are in ``sparse_engine.pruning.second_order.chita``.
 
     w, keep = chita_solve(X, w0, k, l2)          # one problem
     w, keep = chita_solve_blocks(X, w0, ks, l2)  # many blocks at once
