@@ -11,9 +11,9 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from sparse_engine.pruning.methods.lr_schedules import RETRAIN_SCHEDULES, relative_norm_drop, retrain_lr_schedule
-from sparse_engine.pruning.select.prune import prune_
 from sparse_engine.pruning.methods.pruner import SCORED_OPTIONS, Pruner, check_int, check_sparsity
 from sparse_engine.pruning.methods.schedules import imp_phase_sparsities
+from sparse_engine.pruning.select import prune_
 
 
 class IMP(Pruner):

@@ -38,11 +38,8 @@ from torch import Tensor, nn
 
 from sparse_engine.nn.mask_optimizer import MaskedOptimizer, installed_maskers, mask_optimizer
 from sparse_engine.nn.sparsify import name_matcher, sparse_modules
-from sparse_engine.pruning.select.allocation import target_kept
 from sparse_engine.pruning.methods.bn_recalibration import recalibrate_bn
-from sparse_engine.pruning.select.granularity import parse_granularity
-from sparse_engine.pruning.select.prune import INPUTS, prune_
-from sparse_engine.pruning.select.scores import gradient_scores
+from sparse_engine.pruning.select import INPUTS, gradient_scores, parse_granularity, prune_, target_kept
 
 # prune_ options that choose where the kept weights go; every pruner passes them through.
 SELECTION_OPTIONS = ("allocation", "granularity", "exclude", "min_density")

@@ -26,23 +26,19 @@ plus one chunk of per-sample gradients while they are computed; nothing else of 
 import math
 import numbers
 from contextlib import contextmanager
-from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sparse_engine.nn.masked_module import MaskedModule
-from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import topk_mask
-from sparse_engine.pruning.select.allocation import target_kept
-from sparse_engine.pruning.second_order.chita_solver import (CHITA_STEPS, _check_int, _check_number, _options,  # noqa: F401
-                                                chita_backsolve, chita_objective, chita_solve, chita_solve_blocks,
-                                                chita_solve_ref)
-from sparse_engine.pruning.select.prune import _layers
-from sparse_engine.pruning.select.scores import _buffers_restored, _conv_forward, _linear_forward
+from sparse_engine.pruning.second_order.chita_solver import (  # noqa: F401
+    CHITA_STEPS, _check_int, _check_number, _options, chita_backsolve, chita_objective, chita_solve, chita_solve_blocks,
+    chita_solve_ref)
+from sparse_engine.pruning.select import buffers_restored, forward_with, prunable_layers, target_kept
 
 CHITA_SCHEDULES = ("exponential", "cubic", "linear", "constant")
 _GRAD_CHUNK_ELEMS = 1 << 24    # per-sample gradients held at once while collecting (64 MiB)
@@ -103,18 +99,6 @@ class _BlockLayout:
 
 
 @contextmanager
-def _forward_with(mods: Sequence[MaskedModule], weights: Sequence[Tensor]) -> Iterator[None]:
-    """Sparse layers compute their dense forward with the given weight tensors."""
-    for m, w in zip(mods, weights):
-        m.forward = partial(_conv_forward if isinstance(m, SparseConv2d) else _linear_forward, m, w)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
-
-
-@contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -152,12 +136,12 @@ def _collect_gradients(model: nn.Module, layers, loss_fn: Callable, data, n_grad
     chunk = max(1, _GRAD_CHUNK_ELEMS // total)
 
     def group_loss(ws, x, t):
-        with _forward_with(mods, ws):
+        with forward_with(mods, ws):
             return loss_fn(model(x), t)
 
     per_group = torch.func.vmap(torch.func.grad(group_loss), in_dims=(None, 0, 0))
     row = 0
-    with _eval_mode(model), _buffers_restored(model), torch.no_grad():
+    with _eval_mode(model), buffers_restored(model), torch.no_grad():
         for x, t in _data_batches(data):
             if row == n_grads:
                 break
@@ -263,7 +247,7 @@ def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: i
     """
     sparsity = _check_sparsity(sparsity)
     _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step)
-    layers = _layers(model, exclude)
+    layers = prunable_layers(model, exclude)
     _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size, iht_iters, grad_batch_size,
                  rounds, backsolve, step)
     return sparsity_report(model)
@@ -309,7 +293,7 @@ def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, 
     a DataLoader, not a one-shot iterator. Other arguments as in ``chita``. Returns the report."""
     sparsity = _check_sparsity(sparsity)
     _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step)
-    layers = _layers(model, exclude)
+    layers = prunable_layers(model, exclude)
     total = sum(m.weight.numel() for _, m in layers)
     current = 1.0 - sum(int(m.mask.sum()) for _, m in layers) / total
     for s in chita_sparsities(sparsity, stages, schedule, min(current, sparsity)):

@@ -66,10 +66,8 @@ from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask
-from sparse_engine.pruning.select.allocation import target_kept
-from sparse_engine.pruning.select.granularity import Granularity, nm_mask, parse_granularity
-from sparse_engine.pruning.select.prune import _layers
-from sparse_engine.pruning.select.scores import _buffers_restored, _calib_inputs
+from sparse_engine.pruning.select import (Granularity, buffers_restored, calib_inputs, nm_mask, parse_granularity,
+                                          prunable_layers, target_kept)
 
 NMPattern = Union[None, str, tuple[int, int]]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -397,8 +395,8 @@ def _layer_hessian(model: nn.Module, name: str, layer: MaskedModule, calib_data,
     hook = _HessianHook(name, groups, cols, dtype)
     handle = layer.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad(), _buffers_restored(model):
-            for hook.batch, x in enumerate(_calib_inputs(calib_data)):
+        with torch.no_grad(), buffers_restored(model):
+            for hook.batch, x in enumerate(calib_inputs(calib_data)):
                 model(x)
     finally:
         handle.remove()
@@ -479,7 +477,7 @@ def obs_layerwise(model: nn.Module, calib_data, sparsity: float, block_size: int
     if gran.kind == "block":
         raise ValueError(f"pattern: expected 'unstructured' or 'N:M' (OBS prunes single weights), got {pattern!r}")
     nm = _parse_nm((gran.n, gran.m), sparsity, block_size) if gran.kind == "nm" else None
-    layers = _layers(model, exclude)
+    layers = prunable_layers(model, exclude)
     for name, layer in layers:
         gran.check_layer(name, layer.weight.shape)
     _check_calib_data(calib_data)

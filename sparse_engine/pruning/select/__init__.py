@@ -4,10 +4,11 @@ from sparse_engine.pruning.select.allocation import (ALLOCATIONS, Allocation, al
 from sparse_engine.pruning.select.granularity import (GRANULARITIES, Granularity, check_nm, nm_mask,
                                                       parse_granularity)
 from sparse_engine.pruning.select.magnitude import global_magnitude_prune_
-from sparse_engine.pruning.select.prune import INPUTS, SCORE_INPUTS, prune_
+from sparse_engine.pruning.select.prune import INPUTS, SCORE_INPUTS, prunable_layers, prune_
 from sparse_engine.pruning.select.scores import (SCORES, custom_scores, fggp_keep_scores, gradient_scores,
                                                  grasp_scores, lamp_scores, lamp_transform, magnitude_scores,
                                                  random_scores, saliency_scores, synflow_scores, wanda_scores)
+from sparse_engine.pruning.select.scores import buffers_restored, calib_inputs, forward_with
 
 __all__ = [
     "prune_", "global_magnitude_prune_", "SCORES", "SCORE_INPUTS", "INPUTS",
@@ -15,4 +16,6 @@ __all__ = [
     "lamp_scores", "lamp_transform", "random_scores", "custom_scores", "fggp_keep_scores",
     "ALLOCATIONS", "Allocation", "allocate", "layer_densities", "erk_densities", "target_kept",
     "GRANULARITIES", "Granularity", "parse_granularity", "nm_mask", "check_nm",
+    # helpers the other pruning packages use
+    "prunable_layers", "buffers_restored", "calib_inputs", "forward_with",
 ]

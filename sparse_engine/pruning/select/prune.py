@@ -19,8 +19,8 @@ from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparsify import Selector, SparsityReport, name_matcher, sparse_modules, sparsity_report
 from sparse_engine.pruning.select.allocation import ALLOCATIONS, allocate
 from sparse_engine.pruning.select.granularity import Granularity, nm_mask, parse_granularity, select
-from sparse_engine.pruning.select.scores import (SCORE_FUNCTIONS, SCORES, _data_grads, custom_scores, fggp_keep_scores,
-                                          lamp_transform)
+from sparse_engine.pruning.select.scores import (SCORE_FUNCTIONS, SCORES, _data_grads, custom_scores,
+                                                 fggp_keep_scores, lamp_transform)
 
 # What each score reads from prune_'s **inputs: (required, optional).
 SCORE_INPUTS = {
@@ -61,7 +61,8 @@ def _check_score(score, inputs: dict) -> Optional[str]:
     return score
 
 
-def _layers(model: nn.Module, exclude: Selector) -> list[tuple[str, MaskedModule]]:
+def prunable_layers(model: nn.Module, exclude: Selector) -> list[tuple[str, MaskedModule]]:
+    """The ``(name, layer)`` pairs of ``model``'s sparse layers not matched by ``exclude``; an error if none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     layers = sparse_modules(model)
@@ -193,7 +194,7 @@ def prune_(model: nn.Module, sparsity: float, score: Union[str, Mapping[str, Ten
                          f"got {allocation!r}")
     gran = parse_granularity(granularity)
     name = _check_score(score, inputs)
-    layers = _layers(model, exclude)
+    layers = prunable_layers(model, exclude)
     for layer_name, m in layers:
         gran.check_layer(layer_name, m.weight.shape)
 

@@ -34,7 +34,7 @@ from sparse_engine.ops.topk_mask import selection_shape, topk_mask
 Scores = dict[str, Tensor]
 
 
-def _layers(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[tuple[str, MaskedModule]]:
+def _named_layers(model: nn.Module, names: Optional[Sequence[str]] = None) -> list[tuple[str, MaskedModule]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     layers = sparse_modules(model)
@@ -58,23 +58,30 @@ def _conv_forward(module, weight, x):
 
 
 @contextmanager
-def _dense_forward(layers: Sequence[MaskedModule]) -> Iterator[list[Tensor]]:
-    """Sparse layers compute with their dense forward on leaf tensors that share the weights'
-    storage; yields those leaves (differentiate with respect to them)."""
-    leaves = []
-    for m in layers:
-        w = m.weight.detach().requires_grad_(True)
-        leaves.append(w)
+def forward_with(layers: Sequence[MaskedModule], weights: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block, each sparse layer computes its dense forward (``F.linear``/conv) with the
+    given weight tensor instead of its masked forward."""
+    for m, w in zip(layers, weights):
         m.forward = partial(_conv_forward if isinstance(m, SparseConv2d) else _linear_forward, m, w)
     try:
-        yield leaves
+        yield
     finally:
         for m in layers:
             del m.forward
 
 
 @contextmanager
-def _buffers_restored(model: nn.Module) -> Iterator[None]:
+def _dense_forward(layers: Sequence[MaskedModule]) -> Iterator[list[Tensor]]:
+    """Sparse layers compute with their dense forward on leaf tensors that share the weights'
+    storage; yields those leaves (differentiate with respect to them)."""
+    leaves = [m.weight.detach().requires_grad_(True) for m in layers]
+    with forward_with(layers, leaves):
+        yield leaves
+
+
+@contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Within the block the model may change its buffers (BatchNorm statistics); they are restored after."""
     saved = [(b, b.clone()) for name, b in model.named_buffers() if not name.endswith("mask_bits")]
     try:
         yield
@@ -100,7 +107,8 @@ def _batches(data, argname: str = "data") -> list[tuple]:
     return batches
 
 
-def _calib_inputs(calib_data) -> Iterator[Tensor]:
+def calib_inputs(calib_data) -> Iterator[Tensor]:
+    """The input tensors of calibration data: a tensor, or an iterable of tensors or (inputs, ...) batches."""
     if isinstance(calib_data, Tensor):
         yield calib_data
         return
@@ -141,20 +149,20 @@ def _data_grads(model: nn.Module, layers, loss_fn, data, score: str) -> list[Ten
         raise TypeError(f"loss_fn: expected a callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
     batches = _batches(data)
     mods = [m for _, m in layers]
-    with _buffers_restored(model), _dense_forward(mods) as leaves:
+    with buffers_restored(model), _dense_forward(mods) as leaves:
         return _mean_grads(model, leaves, loss_fn, batches)
 
 
 def magnitude_scores(model: nn.Module, names: Optional[Sequence[str]] = None) -> Scores:
     """``|w|``."""
-    return {n: m.weight.detach().abs().float() for n, m in _layers(model, names)}
+    return {n: m.weight.detach().abs().float() for n, m in _named_layers(model, names)}
 
 
 def gradient_scores(model: nn.Module, loss_fn: Optional[Callable] = None, data=None,
                     names: Optional[Sequence[str]] = None) -> Scores:
     """``|g|``: the dense loss gradient from ``loss_fn`` and ``data`` (module docstring), or each
     weight's ``.grad`` when neither is given (a sparse layer's ``.grad`` is zero where pruned)."""
-    layers = _layers(model, names)
+    layers = _named_layers(model, names)
     grads = _data_grads(model, layers, loss_fn, data, "gradient")
     return {n: g.abs().float() for (n, _), g in zip(layers, grads)}
 
@@ -163,7 +171,7 @@ def saliency_scores(model: nn.Module, loss_fn: Optional[Callable] = None, data=N
                     names: Optional[Sequence[str]] = None) -> Scores:
     """SNIP's connection sensitivity ``|w * g|`` (Lee, Ajanthan and Torr 2019); ``g`` as in
     :func:`gradient_scores`. The paper's normalisation by the sum does not change the ranking."""
-    layers = _layers(model, names)
+    layers = _named_layers(model, names)
     grads = _data_grads(model, layers, loss_fn, data, "saliency")
     return {n: (m.weight.detach() * g).abs().float() for (n, m), g in zip(layers, grads)}
 
@@ -182,9 +190,9 @@ def grasp_scores(model: nn.Module, loss_fn: Callable, data, names: Optional[Sequ
     """
     if loss_fn is None or data is None:
         raise ValueError("score 'grasp' needs loss_fn and data")
-    layers = _layers(model, names)
+    layers = _named_layers(model, names)
     batches = _batches(data)
-    with _buffers_restored(model), _dense_forward([m for _, m in layers]) as leaves:
+    with buffers_restored(model), _dense_forward([m for _, m in layers]) as leaves:
         g = _mean_grads(model, leaves, loss_fn, batches, temperature)
         hg = [torch.zeros_like(w) for w in leaves]
         for x, y in batches:
@@ -219,7 +227,7 @@ def synflow_scores(model: nn.Module, input_shape: Sequence[int], names: Optional
         input_shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
         raise TypeError(f"input_shape: expected a sequence of ints, got {input_shape!r}") from None
-    layers = _layers(model, names)
+    layers = _named_layers(model, names)
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
     negative = {k: torch.signbit(t) for k, t in tensors.items()}
     modes = [(m, m.training) for m in model.modules()]
@@ -276,12 +284,12 @@ def wanda_scores(model: nn.Module, calib_data, names: Optional[Sequence[str]] = 
     """
     if calib_data is None:
         raise ValueError("score 'wanda' needs calib_data")
-    layers = _layers(model, names)
+    layers = _named_layers(model, names)
     sums: dict = {}
     handles = [m.register_forward_pre_hook(partial(_wanda_hook, sums)) for _, m in layers]
     try:
-        with torch.no_grad(), _buffers_restored(model):
-            for x in _calib_inputs(calib_data):
+        with torch.no_grad(), buffers_restored(model):
+            for x in calib_inputs(calib_data):
                 model(x)
     finally:
         for h in handles:
@@ -316,7 +324,7 @@ def lamp_transform(values: Tensor) -> Tensor:
 def lamp_scores(model: nn.Module, names: Optional[Sequence[str]] = None) -> Scores:
     """LAMP (layer-adaptive magnitude-based pruning) scores of each weight, per layer: see
     :func:`lamp_transform`. A global selection on them gives LAMP's layer-wise allocation."""
-    return {n: lamp_transform(m.weight) for n, m in _layers(model, names)}
+    return {n: lamp_transform(m.weight) for n, m in _named_layers(model, names)}
 
 
 def random_scores(model: nn.Module, generator: Optional[torch.Generator] = None,
@@ -327,7 +335,7 @@ def random_scores(model: nn.Module, generator: Optional[torch.Generator] = None,
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     device = generator.device if generator is not None else torch.device("cpu")
     return {n: torch.rand(m.weight.shape, generator=generator, device=device).to(m.weight.device)
-            for n, m in _layers(model, names)}
+            for n, m in _named_layers(model, names)}
 
 
 def custom_scores(model: nn.Module, scores: Mapping[str, Tensor], names: Optional[Sequence[str]] = None) -> Scores:
@@ -335,7 +343,7 @@ def custom_scores(model: nn.Module, scores: Mapping[str, Tensor], names: Optiona
     ``names`` (default all sparse layers), no NaN, no unknown names. Returns float32 copies."""
     if not isinstance(scores, Mapping):
         raise TypeError(f"score: expected a score name or a dict {{layer name: tensor}}, got {type(scores).__name__}")
-    layers = _layers(model, names)
+    layers = _named_layers(model, names)
     known = {n for n, _ in sparse_modules(model)}
     unknown = sorted(set(scores) - known)
     if unknown:
