@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from sparse_engine import mask_optimizer, sparsify, sparsity_report
 from sparse_engine.data import load_fashion_mnist
+from sparse_engine.models import fashion_cnn, fashion_mlp
 from sparse_engine.pruning import FGGP, GMP, IMP, Cyclical, OneShot, retrain_lr_schedule
 from sparse_engine.train import evaluate, train_epoch
 
@@ -45,19 +46,7 @@ FGGP_RATE = 2.0
 PHASES = 3
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                         nn.Linear(100, 10))
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10))
-
-
-MODELS = {"mlp": mlp, "cnn": cnn}
+MODELS = {"mlp": fashion_mlp, "cnn": fashion_cnn}
 
 
 def original_schedule(total_steps: int) -> list[float]:

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from sparse_engine import sparse_modules, sparsify, sparsity_report
 from sparse_engine.data import load_fashion_mnist
+from sparse_engine.models import second_order_mlp
 from sparse_engine.pruning import chita, chita_plus_plus, obs_layerwise, prune_
 from sparse_engine.train import evaluate, train_epoch
 
@@ -64,12 +65,6 @@ METHODS = ("magnitude", "OBS uniform", "OBS global-alloc", "CHITA", "CHITA++")
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 LR, BATCH = 1e-3, 128
 SCHEDULE = "exponential"
-
-
-def mlp() -> nn.Module:
-    """784-40-20-10, no biases, ReLU (the MLP of the WoodFisher and CHITA MNIST experiments)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 40, bias=False), nn.ReLU(), nn.Linear(40, 20, bias=False),
-                         nn.ReLU(), nn.Linear(20, 10, bias=False))
 
 
 def train_dense(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, args, bar) -> float:
@@ -277,7 +272,7 @@ def main(argv=None) -> list[dict]:
     n_chita_runs = len(args.l2) if "CHITA" in args.methods else 0
     runs = len(args.sparsities) * (len(args.methods) - ("CHITA" in args.methods) + n_chita_runs)
     torch.manual_seed(args.seed)
-    dense = mlp().to(dev)
+    dense = second_order_mlp().to(dev)
     with tqdm(total=runs, desc="dense training", unit="run", dynamic_ncols=True) as bar:
         train_s = train_dense(dense, x_train, y_train, args.epochs, args, bar)
         sparsify(dense)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_data_and_demo import make_dataset
 
-from sparse_engine.second_order_demo import METHODS, main, mlp, parse_args
+from sparse_engine.models import second_order_mlp as mlp
+from sparse_engine.second_order_demo import METHODS, main, parse_args
 
 LAYERS = {"1": 784 * 40, "3": 40 * 20, "5": 20 * 10}
 WEIGHTS = sum(LAYERS.values())
