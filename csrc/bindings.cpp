@@ -77,10 +77,13 @@ at::Tensor checked_mask_bits(const at::Tensor& bits, const at::Tensor& ref, cons
 }
 
 // The 2-D view (rows, cols) of a score tensor that its selection mask packs: rank >= 2 gives
-// (shape[0], numel / shape[0]), rank <= 1 gives (1, numel).
+// (shape[0], prod(shape[1:])) (also when shape[0] is 0, so the mask has the packed shape of the
+// tensor's own shape), rank <= 1 gives (1, numel).
 std::pair<int64_t, int64_t> selection_view(const at::Tensor& scores) {
-  const int64_t rows = scores.dim() >= 2 ? scores.size(0) : 1;
-  return {rows, rows > 0 ? scores.numel() / rows : 0};
+  if (scores.dim() < 2) return {1, scores.numel()};
+  int64_t cols = 1;
+  for (int64_t d = 1; d < scores.dim(); ++d) cols *= scores.size(d);
+  return {scores.size(0), cols};
 }
 
 [[noreturn]] void raise_nan(int64_t tensor) {

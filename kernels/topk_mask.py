@@ -297,9 +297,10 @@ def _check_inputs(scores, group, ks) -> list[int]:
 
 
 def _selection_view(shape) -> tuple[int, int]:
-    numel = math.prod(shape)
-    rows = shape[0] if len(shape) >= 2 else 1
-    return rows, (numel // rows if rows else 0)
+    """(shape[0], prod(shape[1:])) for rank >= 2, (1, numel) for rank <= 1 (sparse_engine.ops.mask_pack)."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
 
 
 def _locate(hist, above, k):

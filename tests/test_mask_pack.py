@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sparse_engine.ops import pack_mask, pack_mask_ref, unpack_mask, unpack_mask_ref
+from sparse_engine.ops.mask_pack import packed_shape
 
 SHAPES = [(1, 1), (7, 31), (5, 32), (3, 33), (97, 131), (4, 3, 3, 3), (2, 257)]
 
@@ -49,9 +50,34 @@ def test_opcheck():
 def test_bad_input():
     with pytest.raises(TypeError, match="mask: expected dtype torch.bool"):
         pack_mask(torch.ones(3, 4))
-    with pytest.raises(ValueError, match="mask: expected rank >= 2"):
-        pack_mask(torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask: expected a torch.Tensor"):
+        pack_mask([True, False])
     with pytest.raises(ValueError, match=r"mask_bits: expected shape \(3, 1\)"):
         unpack_mask(torch.zeros(3, 2, dtype=torch.int32), (3, 4))
     with pytest.raises(TypeError, match="mask_bits: expected an int32"):
         unpack_mask(torch.zeros(3, 1, dtype=torch.int64), (3, 4))
+    with pytest.raises(ValueError, match=r"mask_bits: expected shape \(1, 1\) for a tensor of shape \(10,\)"):
+        unpack_mask(torch.zeros(10, 1, dtype=torch.int32), (10,))
+    with pytest.raises(ValueError, match="shape: expected non-negative ints"):
+        unpack_mask(torch.zeros(1, 1, dtype=torch.int32), (-1, 4))
+    with pytest.raises(ValueError, match="shape: expected non-negative ints"):
+        unpack_mask(torch.zeros(1, 1, dtype=torch.int32), (1, 2.0))
+    with pytest.raises(TypeError, match="shape: expected a sequence of ints"):
+        unpack_mask(torch.zeros(1, 1, dtype=torch.int32), 4)
+
+
+# Rank 0 and 1 are one row, (1, numel); rank >= 2 is (shape[0], prod(shape[1:])), also with shape[0] = 0.
+ANY_RANK = [(), (1,), (10,), (0,), (33,), (0, 5), (3, 0), (2, 0, 3), (1, 1, 1, 1), (4, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("shape", ANY_RANK, ids=lambda s: "x".join(map(str, s)) or "0d")
+def test_any_rank_roundtrips(shape):
+    mask = torch.rand(shape) < 0.5
+    bits = pack_mask(mask)
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = mask.numel() // rows if rows else int(torch.tensor(shape[1:]).prod())
+    assert tuple(bits.shape) == packed_shape(shape) == (rows, (cols + 31) // 32)
+    assert torch.equal(bits, pack_mask_ref(mask))
+    for unpack in (unpack_mask, unpack_mask_ref):
+        back = unpack(bits, shape)
+        assert back.shape == mask.shape and torch.equal(back, mask)

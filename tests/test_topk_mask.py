@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparse_engine.ops import unpack_mask
+from sparse_engine.ops.mask_pack import packed_shape
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask, topk_mask_ref
 
 
@@ -98,3 +99,60 @@ def test_bad_input():
     nan[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"scores\[1\]: contains NaN"):
         topk_mask([a, nan], 3)
+
+
+# Every rank, 0-d included, and empty tensors whose first dimension is 0.
+ANY_RANK = [(), (1,), (10,), (0,), (97,), (0, 5), (3, 0), (7, 33), (2, 0, 3), (4, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("largest", [True, False], ids=["largest", "smallest"])
+def test_every_mask_unpacks_with_its_tensors_own_shape(largest):
+    scores = [torch.randn(s) for s in ANY_RANK]
+    n = sum(s.numel() for s in scores)
+    for k in (0, 1, n // 2, n):
+        packed = topk_mask(scores, k, largest)
+        ref = topk_mask_ref(scores, [0] * len(scores), [k], largest)
+        masks = []
+        for p, r, s in zip(packed, ref, scores):
+            assert tuple(p.shape) == packed_shape(s.shape) and torch.equal(p, r)
+            mask = unpack_mask(p, s.shape)
+            assert mask.shape == s.shape
+            masks.append(mask)
+        assert sum(int(m.sum()) for m in masks) == k
+        kept = torch.cat([s[m].reshape(-1) for s, m in zip(scores, masks)])
+        dropped = torch.cat([s[~m].reshape(-1) for s, m in zip(scores, masks)])
+        if kept.numel() and dropped.numel():
+            assert (kept.min() >= dropped.max()) if largest else (kept.max() <= dropped.min())
+    # One 1-D tensor, as in the issue: its mask unpacks with shape (1000,).
+    s = torch.randn(1000)
+    mask = unpack_mask(topk_mask(s, 300)[0], (1000,))
+    assert mask.shape == (1000,) and int(mask.sum()) == 300 and s[mask].min() >= s[~mask].max()
+
+
+@pytest.mark.parametrize("k, error, match", [
+    (3.0, TypeError, r"k: expected an int or a list of ints .*got float 3.0"),
+    (None, TypeError, r"k: expected an int or a list of ints .*got NoneType"),
+    (torch.tensor(3), TypeError, r"k: expected an int or a list of ints .*got a tensor; pass int\(k\)"),
+    (torch.tensor([3]), TypeError, r"k: .*got a tensor"),
+    (True, TypeError, r"k: expected an int .*got bool"),
+    ("3", TypeError, r"k: expected an int .*got str"),
+    ([3.0], TypeError, r"k\[0\]: expected an int, got float"),
+    ([False], TypeError, r"k\[0\]: expected an int, got bool"),
+], ids=["float", "None", "tensor-0d", "tensor-1d", "bool", "str", "list-float", "list-bool"])
+def test_bad_k_names_the_argument(k, error, match):
+    with pytest.raises(error, match=match):
+        topk_mask(torch.randn(10), k)
+
+
+def test_bad_group_largest_and_scores_name_the_argument():
+    s = torch.randn(10)
+    with pytest.raises(ValueError, match=r"group: expected ints in \[0, 1\)"):
+        topk_mask([s], 3, group=[False])
+    with pytest.raises(TypeError, match="group: expected None or a list of ints"):
+        topk_mask([s], 3, group=0)
+    with pytest.raises(TypeError, match="largest: expected a bool, got str"):
+        topk_mask([s], 3, largest="no")
+    with pytest.raises(TypeError, match="scores: expected a tensor or a list of tensors, got int"):
+        topk_mask(3, 1)
+    # numpy-style integers are ints
+    assert int(unpack_mask(topk_mask(s, torch.tensor(4).numpy()[()])[0], s.shape).sum()) == 4

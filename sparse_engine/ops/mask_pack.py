@@ -1,13 +1,17 @@
 """Bit-packed masks: ``sparse_engine::pack_mask`` and ``sparse_engine::unpack_mask``.
 
-The one mask representation of the library. A weight of any rank >= 2 is viewed as 2-D,
-``rows = shape[0]`` and ``cols = numel // rows`` in memory order, and its mask is a contiguous
-``int32`` tensor of shape ``(rows, ceil(cols / 32))``: bit ``j`` (LSB first) of word ``w`` in row
-``r`` keeps element ``(r, 32 * w + j)``. Padding bits past ``cols`` are zero. One bit per weight
-is 1/16 of a bf16 weight.
+The one mask representation of the library. A tensor of any rank is viewed as 2-D in memory
+order (``selection_shape``): rank >= 2 as ``rows = shape[0]``, ``cols = prod(shape[1:])``; rank 0
+and 1 as one row, ``(1, numel)``. Its mask is a contiguous ``int32`` tensor of shape
+``(rows, ceil(cols / 32))``: bit ``j`` (LSB first) of word ``w`` in row ``r`` keeps element
+``(r, 32 * w + j)``. Padding bits past ``cols`` are zero. One bit per weight is 1/16 of a bf16
+weight. ``topk_mask`` returns masks in this form for scores of any rank, so every mask it returns
+unpacks with its tensor's own shape.
 
 N:M and block masks are element-wise patterns too, so they use the same bits.
 """
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -16,15 +20,34 @@ from sparse_engine import _C
 WORD_BITS = 32
 
 
-def packed_shape(shape) -> tuple[int, int]:
-    """Shape ``(rows, words)`` of the packed mask of a weight of shape ``shape`` (rank >= 2)."""
-    shape = tuple(shape)
+def _shape(shape, argname: str = "shape") -> tuple[int, ...]:
+    if isinstance(shape, Tensor) or isinstance(shape, (str, bytes)):
+        raise TypeError(f"{argname}: expected a sequence of ints (a tensor's .shape), got {type(shape).__name__}")
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{argname}: expected a sequence of ints (a tensor's .shape), got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (numbers.Integral, torch.SymInt)) or d < 0:
+            raise ValueError(f"{argname}: expected non-negative ints, got {dims}")
+    return tuple(d if isinstance(d, torch.SymInt) else int(d) for d in dims)
+
+
+def selection_shape(shape) -> tuple[int, int]:
+    """The 2-D view ``(rows, cols)`` of a tensor of shape ``shape`` that its packed mask packs:
+    ``(shape[0], prod(shape[1:]))`` for rank >= 2, ``(1, numel)`` for rank 0 and 1."""
+    shape = _shape(shape)
     if len(shape) < 2:
-        raise ValueError(f"a mask needs a weight of rank >= 2, got shape {shape}")
-    rows = shape[0]
+        return 1, (shape[0] if shape else 1)
     cols = 1
     for s in shape[1:]:
         cols *= s
+    return shape[0], cols
+
+
+def packed_shape(shape) -> tuple[int, int]:
+    """Shape ``(rows, words)`` of the packed mask of a tensor of shape ``shape`` (any rank)."""
+    rows, cols = selection_shape(shape)
     return rows, (cols + WORD_BITS - 1) // WORD_BITS
 
 
@@ -33,30 +56,29 @@ def _as_2d_mask(mask: Tensor) -> Tensor:
         raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
-    if mask.dim() < 2:
-        raise ValueError(f"mask: expected rank >= 2 (the weight's shape), got shape {tuple(mask.shape)}")
-    return mask.flatten(1)
+    return mask.reshape(selection_shape(mask.shape))
 
 
 def pack_mask(mask: Tensor) -> Tensor:
-    """Pack a bool mask of a weight's shape (rank >= 2) into ``int32`` words ``(rows, ceil(cols/32))``."""
+    """Pack a bool mask of any rank into ``int32`` words ``(rows, ceil(cols/32))`` (module docstring)."""
     return torch.ops.sparse_engine.pack_mask(_as_2d_mask(mask))
 
 
-def unpack_mask(mask_bits: Tensor, shape) -> Tensor:
-    """Unpack ``int32`` mask words into a bool mask of the weight shape ``shape``."""
-    shape = tuple(int(s) for s in shape)
-    expected = packed_shape(shape)
+def _check_mask_bits(mask_bits: Tensor, shape: tuple) -> None:
     if not isinstance(mask_bits, Tensor) or mask_bits.dtype != torch.int32:
         raise TypeError(f"mask_bits: expected an int32 tensor, got "
                         f"{getattr(mask_bits, 'dtype', type(mask_bits).__name__)}")
+    expected = packed_shape(shape)
     if tuple(mask_bits.shape) != expected:
-        raise ValueError(f"mask_bits: expected shape {expected} for a weight of shape {shape}, "
+        raise ValueError(f"mask_bits: expected shape {expected} for a tensor of shape {shape}, "
                          f"got {tuple(mask_bits.shape)}")
-    cols = 1
-    for s in shape[1:]:
-        cols *= s
-    return torch.ops.sparse_engine.unpack_mask(mask_bits, cols).reshape(shape)
+
+
+def unpack_mask(mask_bits: Tensor, shape) -> Tensor:
+    """Unpack ``int32`` mask words into a bool mask of shape ``shape`` (any rank, 0-d included)."""
+    shape = _shape(shape)
+    _check_mask_bits(mask_bits, shape)
+    return torch.ops.sparse_engine.unpack_mask(mask_bits, selection_shape(shape)[1]).reshape(shape)
 
 
 @torch.library.custom_op("sparse_engine::pack_mask", mutates_args=())
@@ -118,11 +140,10 @@ def pack_mask_ref(mask: Tensor) -> Tensor:
 
 def unpack_mask_ref(mask_bits: Tensor, shape) -> Tensor:
     """Plain-torch reference of :func:`unpack_mask`."""
-    shape = tuple(shape)
+    shape = _shape(shape)
+    _check_mask_bits(mask_bits, shape)
     rows, words = mask_bits.shape
-    cols = 1
-    for s in shape[1:]:
-        cols *= s
+    cols = selection_shape(shape)[1]
     shifts = torch.arange(WORD_BITS, device=mask_bits.device, dtype=torch.int64)
     bits = (mask_bits.to(torch.int64).unsqueeze(-1) >> shifts) & 1
     return bits.reshape(rows, words * WORD_BITS)[:, :cols].to(torch.bool).reshape(shape)

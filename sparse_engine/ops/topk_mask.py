@@ -12,34 +12,36 @@ Rule (all kernels give bit-identical masks):
     ``-0.0`` equals ``+0.0``; infinities order normally; NaN is an error.
 
 Masks come back bit-packed like every mask of the library: a tensor of rank >= 2 is viewed as
-``(shape[0], numel // shape[0])``, one of rank <= 1 as ``(1, numel)``, and packed along the last
-dimension into int32 words (``sparse_engine.ops.mask_pack``).
+``(shape[0], prod(shape[1:]))``, one of rank <= 1 as ``(1, numel)`` (``selection_shape``), and
+packed along the last dimension into int32 words (``sparse_engine.ops.mask_pack``), so
+``unpack_mask(mask, scores[i].shape)`` gives the bool mask of any rank, 0-d included.
 """
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from sparse_engine import _C
-from sparse_engine.ops.mask_pack import WORD_BITS, pack_mask_ref
+from sparse_engine.ops.mask_pack import WORD_BITS, pack_mask_ref, selection_shape
 
 SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def selection_shape(shape) -> tuple[int, int]:
-    """The 2-D view ``(rows, cols)`` of a score tensor of shape ``shape`` for its packed mask."""
-    shape = tuple(shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    rows = shape[0] if len(shape) >= 2 else 1
-    return rows, (numel // rows if rows else 0)
+def _is_count(value) -> bool:
+    """An int (or a SymInt under torch.compile), not a bool and not a tensor."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def _check_scores(scores) -> list[Tensor]:
     if isinstance(scores, Tensor):
         scores = [scores]
-    scores = list(scores)
+    if isinstance(scores, (str, bytes)):
+        raise TypeError(f"scores: expected a tensor or a list of tensors, got {type(scores).__name__}")
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise TypeError(f"scores: expected a tensor or a list of tensors, got {type(scores).__name__}") from None
     if not scores:
         raise ValueError("scores: expected a non-empty list of tensors")
     for i, s in enumerate(scores):
@@ -62,43 +64,65 @@ def topk_mask(scores: Union[Tensor, Sequence[Tensor]], k: Union[int, Sequence[in
     """Bit-packed masks keeping exactly ``k`` elements across ``scores`` (see the module docstring).
 
     Args:
-        scores: a tensor or a list of tensors, float32/float16/bfloat16, one device.
+        scores: a tensor or a list of tensors, float32/float16/bfloat16, one device, any ranks.
         k: an int: the ``k`` best over all tensors (a global threshold); or a list with one k per
-            tensor (per-tensor selection); or, with ``group``, one k per group.
+            tensor (per-tensor selection); or, with ``group``, one k per group. Counts are Python
+            ints (numpy ints too); a tensor is refused (pass ``int(k)``: reading a device tensor
+            would be a hidden synchronisation and a graph break under ``torch.compile``).
         largest: keep the largest scores (else the smallest).
         group: optional group index of each tensor; groups are selected independently.
         backend: CUDA kernel, ``"triton"`` (default) or ``"cuda"`` (C++); ignored on CPU.
     Returns:
         One int32 packed mask per tensor, of shape ``(rows, ceil(cols / 32))`` for the
-        ``(rows, cols)`` view above.
+        ``(rows, cols)`` view above (``unpack_mask(mask, scores[i].shape)`` unpacks it).
     """
     scores = _check_scores(scores)
     n = len(scores)
+    ks = _check_k(k, n, group is None)
     if group is None:
-        if isinstance(k, int):
-            group, ks = [0] * n, [k]
-        else:
-            group, ks = list(range(n)), list(k)
-            if len(ks) != n:
-                raise ValueError(f"k: expected an int or one int per score tensor ({n}), got {len(ks)} values")
+        group = [0] * n if _is_count(k) else list(range(n))
     else:
+        if isinstance(group, (Tensor, str, bytes)) or not isinstance(group, Sequence):
+            raise TypeError(f"group: expected None or a list of ints (one group index per score tensor), "
+                            f"got {type(group).__name__}")
         group = list(group)
-        ks = [k] if isinstance(k, int) else list(k)
         if len(group) != n:
             raise ValueError(f"group: expected one group index per score tensor ({n}), got {len(group)}")
-        if any(not isinstance(g, int) or not 0 <= g < len(ks) for g in group):
+        if any(not _is_count(g) or not 0 <= g < len(ks) for g in group):
             raise ValueError(f"group: expected ints in [0, {len(ks)}) (one k per group), got {group}")
+        group = [int(g) for g in group]
     sizes = [0] * len(ks)
     for s, g in zip(scores, group):
         sizes[g] += s.numel()
     for g, (kg, size) in enumerate(zip(ks, sizes)):
-        if not isinstance(kg, int) or isinstance(kg, bool) or not 0 <= kg <= size:
+        if not 0 <= kg <= size:
             raise ValueError(f"k: expected an int in [0, {size}] for group {g} ({size} scores), got {kg!r}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest: expected a bool, got {type(largest).__name__}")
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
     # Kernels read contiguous memory and reject NaN themselves while they count (no O(n) temporary).
     scores = [s.contiguous() for s in scores]
     return torch.ops.sparse_engine.topk_mask(scores, group, ks, largest, backend)
+
+
+def _check_k(k, n: int, per_tensor: bool) -> list:
+    """``k`` as a list of counts: one int, or one int per tensor (``per_tensor``) or per group."""
+    what = "one int per score tensor" if per_tensor else "one int per group"
+    if _is_count(k):
+        return [k if isinstance(k, torch.SymInt) else int(k)]
+    if isinstance(k, Tensor):
+        raise TypeError(f"k: expected an int or a list of ints ({what}), got a tensor; pass int(k) (a device "
+                        f"tensor's value is read by a synchronisation the caller should see)")
+    if isinstance(k, (str, bytes)) or not isinstance(k, Sequence):
+        raise TypeError(f"k: expected an int or a list of ints ({what}), got {type(k).__name__} {k!r}")
+    ks = list(k)
+    if per_tensor and len(ks) != n:
+        raise ValueError(f"k: expected an int or one int per score tensor ({n}), got {len(ks)} values")
+    for i, kg in enumerate(ks):
+        if not _is_count(kg):
+            raise TypeError(f"k[{i}]: expected an int, got {type(kg).__name__} {kg!r}")
+    return [kg if isinstance(kg, torch.SymInt) else int(kg) for kg in ks]
 
 
 @torch.library.custom_op("sparse_engine::topk_mask", mutates_args=())
