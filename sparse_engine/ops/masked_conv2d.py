@@ -15,13 +15,16 @@ from sparse_engine.ops.mask_pack import unpack_mask, unpack_mask_ref
 from sparse_engine.ops.masked_linear import check_bias, check_masked_weight
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _pair(v, name: str) -> list[int]:
-    if isinstance(v, int):
+    if _is_int(v):
         return [v, v]
-    v = list(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    if not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_is_int(i) for i in v):
         raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
-    return v
+    return list(v)
 
 
 def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None,
@@ -43,7 +46,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
         raise ValueError(f"weight: expected shape (out_channels, in_channels/groups, kH, kW), got {tuple(weight.shape)}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
-    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+    if not _is_int(groups) or groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"groups: expected a positive int dividing out_channels={weight.shape[0]}, got {groups!r}")
     unbatched = x.dim() == 3
     if unbatched:

@@ -169,7 +169,8 @@ class IMP(Pruner):
             return False
         self.phase += 1
         self.epoch_in_phase = 0
-        self._start_phase()
+        with self.changing_model():  # the prune, rewinding, recalibration and the new LR schedule, or none
+            self._start_phase()
         return True
 
     def _extra_state(self) -> dict:

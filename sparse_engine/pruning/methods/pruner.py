@@ -27,19 +27,26 @@ Every pruner
   (the masks travel in the model's), a run resumed from a checkpoint sets exactly the masks of the
   uninterrupted run. Resume by constructing the pruner as at the start (same arguments; the
   construction may prune the fresh model, which the loads then overwrite), then loading the
-  model, optimizer and pruner state dicts, in any order.
+  model, optimizer and pruner state dicts, in any order;
+* either completes its construction, ``step()``, ``on_epoch_end()`` and ``load_state_dict()``, or
+  raises and leaves the model (weights, masks, buffers), the optimizer (state, ``param_groups``,
+  hooks: no ``mask_optimizer`` is left installed by a failed construction) and the pruner's own
+  counters as they were (``restore_on_error``; see ``Pruner`` for what a subclass does).
 """
+import functools
 import math
 import numbers
-from typing import Optional
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from sparse_engine.nn.mask_optimizer import MaskedOptimizer, installed_maskers, mask_optimizer
-from sparse_engine.nn.sparsify import name_matcher, sparse_modules
+from sparse_engine.nn.sparsify import sparse_modules
 from sparse_engine.pruning.methods.bn_recalibration import recalibrate_bn
-from sparse_engine.pruning.select import INPUTS, gradient_scores, parse_granularity, prune_, target_kept
+from sparse_engine.pruning.select import (INPUTS, gradient_scores, parse_granularity, prunable_layers, prune_,
+                                          restore_on_error, target_kept)
 
 # prune_ options that choose where the kept weights go; every pruner passes them through.
 SELECTION_OPTIONS = ("allocation", "granularity", "exclude", "min_density")
@@ -80,6 +87,8 @@ def regrowth_scores(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     first step's size. Float32, the weights' shapes; weights outside ``optimizer`` use ``lr = 0``.
     """
     layers = dict(sparse_modules(model))
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"names: expected None or a list of sparse layer names, got {names!r}")
     names = list(layers) if names is None else list(names)
     lrs = {}
     for group in optimizer.param_groups:
@@ -123,10 +132,44 @@ def _plain(value):
     return f"<{type(value).__name__} {getattr(value, '__qualname__', '')}>".replace(" >", ">")
 
 
+def _restores_on_error(init):
+    """Wrap a pruner's ``__init__(self, model, optimizer, ...)`` so that a construction that raises
+    leaves ``model`` and ``optimizer`` as they were (``restore_on_error``). Nested constructors
+    (a subclass calling ``super().__init__``) copy once: the outermost block covers the others."""
+    if getattr(init, "_restores_on_error", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, model, optimizer, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            return init(self, model, optimizer, *args, **kwargs)  # its own checks name the argument
+        opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        with restore_on_error(model, opt):
+            init(self, model, optimizer, *args, **kwargs)
+
+    __init__._restores_on_error = True
+    return __init__
+
+
 class Pruner:
     """Base of the pruning methods (module docstring). Subclasses set ``self.config`` (the values
     that define the schedule, checked on ``load_state_dict``) and implement ``_on_step(t)`` /
     ``_on_epoch(e)``, returning True when they changed masks.
+
+    Failing calls change nothing; what a subclass gets for free and what it does:
+
+    * construction: every subclass's ``__init__`` is wrapped (``__init_subclass__``) so that a
+      constructor that raises, wherever it raises (argument checks after ``super().__init__``
+      installed ``mask_optimizer``, the first prune, BatchNorm recalibration, an LR scheduler),
+      leaves the model and the optimizer as they were. Its signature must start with
+      ``(self, model, optimizer, ...)``. Nothing to do;
+    * ``step()``, ``on_epoch_end()``, ``load_state_dict()``: the pruner's attributes (counters,
+      target, generator state) are restored when they raise. Nothing to do;
+    * code of a subclass that changes the model in ``_on_step``/``_on_epoch`` runs inside
+      ``with self.changing_model():`` (a copy of the model and optimizer, restored if the block
+      raises). ``_prune`` and ``_regrow`` already do; a block whose only change is one ``prune_``
+      call passes ``only_prune_=True`` and copies nothing (``prune_`` checks everything and
+      computes every mask before it changes one), which keeps a pruning step free of copies.
 
     Attributes: ``step_count`` (optimizer steps seen), ``epoch`` (``on_epoch_end`` calls),
     ``sparsity`` (the target the masks were last pruned to; before the first prune, the measured
@@ -134,6 +177,12 @@ class Pruner:
     ``masked_optimizer`` (the ``mask_optimizer`` handle).
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _restores_on_error(cls.__dict__["__init__"])
+
+    @_restores_on_error
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, prune_kwargs: dict, allowed: tuple,
                  bn_data=None, bn_batches: Optional[int] = None):
         name = type(self).__name__
@@ -157,10 +206,7 @@ class Pruner:
         self.prune_kwargs = dict(prune_kwargs)
         self.unstructured = parse_granularity(self.prune_kwargs.get("granularity", "unstructured")).kind \
             == "unstructured"
-        exclude = name_matcher(self.prune_kwargs.get("exclude"), "exclude")
-        self.layers = [(n, m) for n, m in sparse_modules(model) if exclude is None or not exclude(n, m)]
-        if not self.layers:
-            raise ValueError("exclude: every sparse layer is excluded; nothing to prune")
+        self.layers = prunable_layers(model, self.prune_kwargs.get("exclude"))
         self.numel = sum(m.weight.numel() for _, m in self.layers)
         self.bn_data, self.bn_batches = bn_data, bn_batches
         self.masked_optimizer = ensure_mask_optimizer(optimizer, model)
@@ -183,14 +229,35 @@ class Pruner:
     def step(self) -> bool:
         """Call after each ``optimizer.step()``; prunes when the schedule says so. Returns True
         when masks changed."""
-        self.step_count += 1
-        return self._on_step(self.step_count)
+        with self._attributes_restored_on_error():
+            self.step_count += 1
+            return self._on_step(self.step_count)
 
     def on_epoch_end(self) -> bool:
         """Call after each training epoch; epoch-based methods (IMP) prune here. Returns True
         when masks changed."""
-        self.epoch += 1
-        return self._on_epoch(self.epoch)
+        with self._attributes_restored_on_error():
+            self.epoch += 1
+            return self._on_epoch(self.epoch)
+
+    @contextmanager
+    def _attributes_restored_on_error(self) -> Iterator[None]:
+        saved = dict(vars(self))
+        generator = self.generator.get_state() if self.generator is not None else None
+        try:
+            yield
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            if generator is not None:
+                self.generator.set_state(generator)
+            raise
+
+    def changing_model(self, only_prune_: bool = False) -> ContextManager:
+        """Context manager around code that changes the model: if it raises, the model and the
+        optimizer are as before (``restore_on_error(self.model, self.optimizer)``). With
+        ``only_prune_=True`` (the block's one change is a ``prune_`` call) nothing is copied."""
+        return nullcontext() if only_prune_ else restore_on_error(self.model, self.optimizer)
 
     def _on_step(self, t: int) -> bool:
         return False
@@ -215,8 +282,9 @@ class Pruner:
         if self.unstructured and not self.prune_kwargs.get("regrow", False) \
                 and target_kept(self.numel, sparsity) == self.kept():
             return False
-        prune_(self.model, sparsity, **self.prune_kwargs, **extra)
-        self._recalibrate()
+        with self.changing_model(only_prune_=self.bn_data is None):  # BatchNorm recalibration can fail after it
+            prune_(self.model, sparsity, **self.prune_kwargs, **extra)
+            self._recalibrate()
         return True
 
     def _check_not_below(self, sparsity: float, name: str, hint: str) -> None:
@@ -236,8 +304,9 @@ class Pruner:
             score = "magnitude"
         else:
             score = regrowth_scores(self.model, self.optimizer, loss_fn, data, [n for n, _ in self.layers])
-        prune_(self.model, sparsity, score, regrow=True, **options)
-        self._recalibrate()
+        with self.changing_model(only_prune_=self.bn_data is None):
+            prune_(self.model, sparsity, score, regrow=True, **options)
+            self._recalibrate()
         return True
 
     def _recalibrate(self) -> None:
@@ -258,7 +327,12 @@ class Pruner:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned, after checking it comes from the same method
-        with the same config (a ValueError names the first differing entries)."""
+        with the same config (a ValueError names the first differing entries). A state that
+        fails to load leaves the pruner and the optimizer as they were."""
+        with self._attributes_restored_on_error(), self.changing_model():
+            self._load_state_dict(state)
+
+    def _load_state_dict(self, state: dict) -> None:
         name = type(self).__name__
         if not isinstance(state, dict) or "method" not in state:
             raise TypeError(f"state: expected a dict from {name}.state_dict(), got {type(state).__name__}")

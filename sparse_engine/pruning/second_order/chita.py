@@ -38,7 +38,7 @@ from sparse_engine.ops.topk_mask import topk_mask
 from sparse_engine.pruning.second_order.chita_solver import (  # noqa: F401
     CHITA_STEPS, _check_int, _check_number, _options, chita_backsolve, chita_objective, chita_solve, chita_solve_blocks,
     chita_solve_ref)
-from sparse_engine.pruning.select import buffers_restored, forward_with, prunable_layers, target_kept
+from sparse_engine.pruning.select import buffers_restored, forward_with, prunable_layers, restores_on_error, target_kept
 
 CHITA_SCHEDULES = ("exponential", "cubic", "linear", "constant")
 _GRAD_CHUNK_ELEMS = 1 << 24    # per-sample gradients held at once while collecting (64 MiB)
@@ -214,6 +214,7 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
             m.set_mask(keep_l.reshape(m.weight.shape))
 
 
+@restores_on_error
 def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: int = 1000, l2: float = 1e-4,
           block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1, rounds: int = 3,
           backsolve: bool = True, step: str = "search", exclude: Selector = None) -> SparsityReport:
@@ -281,6 +282,7 @@ def chita_sparsities(target: float, stages: int, schedule: str = "exponential", 
     return out
 
 
+@restores_on_error
 def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, stages: int = 5,
                     schedule: str = "exponential", n_grads: int = 1000, l2: float = 1e-4,
                     block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1,

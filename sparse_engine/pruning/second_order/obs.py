@@ -67,7 +67,7 @@ from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask
 from sparse_engine.pruning.select import (Granularity, buffers_restored, calib_inputs, nm_mask, parse_granularity,
-                                          prunable_layers, target_kept)
+                                          prunable_layers, restores_on_error, target_kept)
 
 NMPattern = Union[None, str, tuple[int, int]]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -447,6 +447,7 @@ def _prune_layer(name: str, layer: MaskedModule, H: Tensor, sparsity: float, nm,
     layer.set_mask(keep.reshape(W.shape))
 
 
+@restores_on_error
 def obs_layerwise(model: nn.Module, calib_data, sparsity: float, block_size: int = 128, damp: float = 0.01,
                   pattern: str = "unstructured", exclude: Selector = None) -> SparsityReport:
     """Prune every sparse layer of ``model`` in place with layer-wise OBS (SparseGPT).

@@ -42,6 +42,7 @@ Counts are in *selection units*: weights for unstructured pruning, blocks for bl
 (``numels`` gives the units of each layer; ERK still uses the weight shapes).
 """
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -50,6 +51,7 @@ from torch import Tensor
 
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask
+from sparse_engine.pruning.select.checks import check_count, check_fraction, check_length, check_shapes
 
 ALLOCATIONS = ("global", "uniform", "uniform+", "erk", "lamp")
 UNIFORM_PLUS_LAST_MIN_DENSITY = 0.2
@@ -68,8 +70,10 @@ class Allocation:
 
 
 def target_kept(n: int, sparsity: float) -> int:
-    """Kept count for ``sparsity`` of ``n`` units: ``n - round(sparsity * n)`` (as torch.nn.utils.prune)."""
-    return n - round(sparsity * n)
+    """Kept count for ``sparsity`` (in [0, 1]) of ``n >= 0`` units: ``n - round(sparsity * n)``
+    (as torch.nn.utils.prune)."""
+    n = check_count(n, "n")
+    return n - round(check_fraction(sparsity, "sparsity", what="a sparsity") * n)
 
 
 def _ceil(x: float) -> int:
@@ -86,7 +90,16 @@ def fit_densities(numels: Sequence[int], raw: Sequence[float], kept: float, lo: 
     ``kept``, then solve it exactly as RigL does, ``eps = (kept - held) / sum(n_l raw_l)`` over
     the layers not held at a bound. Layers with ``lo_l == hi_l`` are fixed.
     """
-    numels, raw, lo, hi = list(numels), [float(r) for r in raw], list(lo), list(hi)
+    numels = [check_count(v, f"numels[{i}]") for i, v in enumerate(numels)]
+    raw = [float(r) for r in check_length(raw, len(numels), "raw", "layer")]
+    lo = [float(v) for v in check_length(lo, len(numels), "lo", "layer")]
+    hi = [float(v) for v in check_length(hi, len(numels), "hi", "layer")]
+    for name, values in (("raw", raw), ("lo", lo), ("hi", hi)):
+        bad = [v for v in values if not math.isfinite(v) or v < 0]
+        if bad:
+            raise ValueError(f"{name}: expected finite numbers >= 0, got {bad[0]!r}")
+    if isinstance(kept, bool) or not isinstance(kept, numbers.Real) or not math.isfinite(kept):
+        raise ValueError(f"kept: expected a finite number of weights, got {kept!r}")
     fixed = [lo_l >= hi_l for lo_l, hi_l in zip(lo, hi)]
 
     def clamped(eps: float) -> list[float]:
@@ -124,6 +137,12 @@ def fit_densities(numels: Sequence[int], raw: Sequence[float], kept: float, lo: 
 def apportion(targets: Sequence[float], total: int, lo: Sequence[int], hi: Sequence[int]) -> list[int]:
     """Integers ``c_l`` in ``[lo_l, hi_l]`` summing to ``total``, each the floor or ceil of
     ``targets[l]`` where the bounds allow (largest remainders; ties to the earlier layer)."""
+    n = len(targets)
+    lo, hi = check_length(lo, n, "lo", "target"), check_length(hi, n, "hi", "target")
+    total = check_count(total, "total")
+    bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t)]
+    if bad:
+        raise ValueError(f"targets: expected finite numbers, got {bad[0]!r}")
     if not sum(lo) <= total <= sum(hi):
         raise ValueError(f"cannot keep {total} units with per-layer bounds summing to [{sum(lo)}, {sum(hi)}]")
     counts = [min(max(math.floor(t), a), b) for t, a, b in zip(targets, lo, hi)]
@@ -158,10 +177,20 @@ def layer_densities(method: str, shapes: Sequence[Sequence[int]], density: float
     (module docstring), before rounding to counts. ``numels`` defaults to the shapes' numel."""
     if method not in ("uniform", "uniform+", "erk"):
         raise ValueError(f"method: expected 'uniform', 'uniform+' or 'erk', got {method!r}")
-    shapes = [tuple(s) for s in shapes]
-    numels = [math.prod(s) for s in shapes] if numels is None else list(numels)
+    shapes = check_shapes(shapes)
+    if method == "erk":
+        _check_erk_shapes(shapes, [f"shapes[{i}]" for i in range(len(shapes))])
+    density = check_fraction(density, "density", what="a density")
+    min_density = check_fraction(min_density, "min_density", what="a density")
+    numels = _numels(shapes, numels)
     raw, lo = _raw_and_floors(method, shapes, min_density)
     return fit_densities(numels, raw, density * sum(numels), lo, [1.0] * len(shapes))
+
+
+def _numels(shapes: list[tuple[int, ...]], numels) -> list[int]:
+    if numels is None:
+        return [math.prod(s) for s in shapes]
+    return [check_count(v, f"numels[{i}]") for i, v in enumerate(check_length(numels, len(shapes), "numels", "layer"))]
 
 
 def erk_densities(shapes: Sequence[Sequence[int]], density: float, min_density: float = 0.0) -> list[float]:
@@ -173,12 +202,36 @@ def global_counts(scores: Sequence[Tensor], kept: int, floors: Sequence[int]) ->
     """Per-layer kept counts of one global selection of ``kept`` units that first guarantees each
     layer its ``floors[l]`` best units (two ``topk_mask`` passes: per layer, then global with the
     reserved units at +inf)."""
+    floors = [check_count(f, f"floors[{i}]") for i, f in enumerate(check_length(floors, len(scores), "floors",
+                                                                                 "score tensor"))]
     if any(floors):
         reserved = [unpack_mask(b, selection_shape(s.shape)).view(s.shape)
                     for b, s in zip(topk_mask(scores, list(floors)), scores)]
         scores = [torch.where(r, torch.inf, s) for r, s in zip(reserved, scores)]
     bits = topk_mask(scores, kept)
     return [int(unpack_mask(b, selection_shape(s.shape)).sum()) for b, s in zip(bits, scores)]
+
+
+def _check_erk_shapes(shapes: list[tuple[int, ...]], labels: list[str]) -> None:
+    for label, s in zip(labels, shapes):
+        if not all(s):
+            raise ValueError(f"{label}: ERK's density sum(shape) / prod(shape) needs every dimension >= 1, got "
+                             f"shape {s} (exclude the layer)")
+
+
+def _check_layers(allocation, names, shapes) -> tuple[list[str], list[tuple[int, ...]]]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"names: expected a list of layer names, got {type(names).__name__}")
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names: expected a list of layer names (str), got {names!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"names: expected distinct layer names, got {duplicates} more than once")
+    shapes = check_shapes(check_length(shapes, len(names), "shapes", "layer name"))
+    if allocation == "erk":
+        _check_erk_shapes(shapes, [f"allocation 'erk': layer '{n}'" for n in names])
+    return names, shapes
 
 
 def allocate(allocation: Union[str, Mapping[str, float]], names: Sequence[str], shapes: Sequence[Sequence[int]],
@@ -197,9 +250,10 @@ def allocate(allocation: Union[str, Mapping[str, float]], names: Sequence[str], 
     Returns:
         an :class:`Allocation`.
     """
-    names, shapes = list(names), [tuple(s) for s in shapes]
-    numels = [math.prod(s) for s in shapes] if numels is None else [int(n) for n in numels]
-    floor = 0.0 if min_density is None else float(min_density)
+    names, shapes = _check_layers(allocation, names, shapes)
+    sparsity = check_fraction(sparsity, "sparsity", upper_inclusive=False, what="a sparsity")
+    numels = _numels(shapes, numels)
+    floor = 0.0 if min_density is None else check_fraction(min_density, "min_density", what="a density")
     floors = [_ceil(floor * n) for n in numels]
     total = sum(numels)
     kept = target_kept(total, sparsity)
@@ -227,10 +281,12 @@ def allocate(allocation: Union[str, Mapping[str, float]], names: Sequence[str], 
             return Allocation([0] * len(names), [kept])
         if scores is None:
             raise ValueError("scores: allocation 'global' with min_density needs the scores")
+        scores = check_length(scores, len(names), "scores", "layer")
         return Allocation(list(range(len(names))), global_counts(scores, kept, floors))
     if allocation == "lamp":
         if lamp_scores is None:
             raise ValueError("lamp_scores: allocation 'lamp' needs the LAMP scores of the layers")
+        lamp_scores = check_length(lamp_scores, len(names), "lamp_scores", "layer")
         return Allocation(list(range(len(names))), global_counts(lamp_scores, kept, floors))
 
     raw, lo = _raw_and_floors(allocation, shapes, floor)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask
+from sparse_engine.pruning.select.checks import check_count
 
 GRANULARITIES = ("unstructured", "N:M (e.g. '2:4')", "BxB (e.g. '32x32')")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -122,11 +123,19 @@ def parse_granularity(granularity) -> Granularity:
 
 def block_norms(scores: Tensor, block: int) -> Tensor:
     """L2 norms of the ``block x block`` blocks of the 2-D view of ``scores``: ``(rows/B, cols/B)`` float32."""
+    block = check_count(block, "block", 1)
     rows, cols = selection_shape(scores.shape)
     if rows % block or cols % block:
         raise ValueError(f"scores: 2-D view ({rows}, {cols}) is not divisible into {block}x{block} blocks")
     s = scores.reshape(rows // block, block, cols // block, block).double()
     return s.square().sum((1, 3)).sqrt().float()
+
+
+def _check_nm_counts(n, m) -> tuple[int, int]:
+    n, m = check_count(n, "n", 1), check_count(m, "m", 1)
+    if n > m:
+        raise ValueError(f"n, m: expected 1 <= n <= m, got n={n}, m={m}")
+    return n, m
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
@@ -138,8 +147,7 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     wins ties; -0.0 equals +0.0). Exactly ``n`` kept per group.
     """
     rows, cols = selection_shape(scores.shape)
-    if not 1 <= n <= m:
-        raise ValueError(f"n, m: expected 1 <= n <= m, got n={n}, m={m}")
+    n, m = _check_nm_counts(n, m)
     if cols % m:
         raise ValueError(f"scores: {cols} columns (shape {tuple(scores.shape)}) is not a multiple of m={m}")
     groups = scores.reshape(-1, m)
@@ -161,6 +169,7 @@ def check_nm(mask: Tensor, n: int, m: int, exact: bool = False) -> bool:
     ``n`` elements (exactly ``n`` if ``exact``). ``mask``: bool, rank >= 2."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a bool torch.Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    n, m = _check_nm_counts(n, m)
     rows, cols = selection_shape(mask.shape)
     if cols % m:
         raise ValueError(f"mask: {cols} columns (shape {tuple(mask.shape)}) is not a multiple of m={m}")

@@ -19,6 +19,7 @@ from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparsify import Selector, SparsityReport, name_matcher, sparse_modules, sparsity_report
 from sparse_engine.pruning.select.allocation import ALLOCATIONS, allocate
 from sparse_engine.pruning.select.granularity import Granularity, nm_mask, parse_granularity, select
+from sparse_engine.pruning.select.restore import restore_on_error
 from sparse_engine.pruning.select.scores import (SCORE_FUNCTIONS, SCORES, _data_grads, custom_scores,
                                                  fggp_keep_scores, lamp_transform)
 
@@ -68,6 +69,9 @@ def prunable_layers(model: nn.Module, exclude: Selector) -> list[tuple[str, Mask
     layers = sparse_modules(model)
     if not layers:
         raise ValueError("model: expected a model with sparse layers (call sparse_engine.sparsify first), found none")
+    if not (exclude is None or callable(exclude) or isinstance(exclude, (str, list, tuple, set, frozenset))):
+        raise TypeError(f"exclude: expected None, a name pattern, a list of name patterns or a callable "
+                        f"(name, module) -> bool, got {exclude!r}")
     exc = name_matcher(exclude, "exclude")
     if exc is not None:
         layers = [(n, m) for n, m in layers if not exc(n, m)]
@@ -221,9 +225,10 @@ def prune_(model: nn.Module, sparsity: float, score: Union[str, Mapping[str, Ten
         total = sum(m.weight.numel() for _, m in layers)
         d0 = 1.0 if regrow else sum(int(m.mask.sum()) for _, m in layers) / total
         d = 1.0 - sparsity
-        for t in range(1, iterations + 1):
-            s_t = sparsity if t == iterations or d0 == 0 else 1.0 - d0 * (d / d0) ** (t / iterations)
-            _prune_round(model, layers, s_t, name, allocation, gran, regrow and t == 1, min_density, inputs)
+        with restore_on_error(model):  # every round sets masks: a later round's error undoes the earlier ones
+            for t in range(1, iterations + 1):
+                s_t = sparsity if t == iterations or d0 == 0 else 1.0 - d0 * (d / d0) ** (t / iterations)
+                _prune_round(model, layers, s_t, name, allocation, gran, regrow and t == 1, min_density, inputs)
     else:
         _prune_round(model, layers, sparsity, score if name is None else name, allocation, gran, regrow,
                      min_density, inputs)

@@ -17,6 +17,7 @@ gradients are averaged over batches. ``calib_data`` for Wanda: a tensor (one bat
 an iterable of batches, each a tensor or a tuple whose first element is the inputs.
 """
 import math
+import numbers
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -30,6 +31,7 @@ from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import sparse_modules
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import selection_shape, topk_mask
+from sparse_engine.pruning.select.checks import check_length
 
 Scores = dict[str, Tensor]
 
@@ -42,6 +44,8 @@ def _named_layers(model: nn.Module, names: Optional[Sequence[str]] = None) -> li
         raise ValueError("model: expected a model with sparse layers (call sparse_engine.sparsify first), found none")
     if names is None:
         return layers
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(f"names: expected None or a list of sparse layer names, got {names!r}")
     by_name = dict(layers)
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -61,6 +65,9 @@ def _conv_forward(module, weight, x):
 def forward_with(layers: Sequence[MaskedModule], weights: Sequence[Tensor]) -> Iterator[None]:
     """Within the block, each sparse layer computes its dense forward (``F.linear``/conv) with the
     given weight tensor instead of its masked forward."""
+    layers, weights = list(layers), list(weights)
+    if len(weights) != len(layers):
+        raise ValueError(f"weights: expected one tensor per layer ({len(layers)}), got {len(weights)}")
     for m, w in zip(layers, weights):
         m.forward = partial(_conv_forward if isinstance(m, SparseConv2d) else _linear_forward, m, w)
     try:
@@ -190,6 +197,9 @@ def grasp_scores(model: nn.Module, loss_fn: Callable, data, names: Optional[Sequ
     """
     if loss_fn is None or data is None:
         raise ValueError("score 'grasp' needs loss_fn and data")
+    if isinstance(temperature, (bool, Tensor)) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0 (it divides the outputs), got {temperature!r}")
     layers = _named_layers(model, names)
     batches = _batches(data)
     with buffers_restored(model), _dense_forward([m for _, m in layers]) as leaves:
@@ -223,10 +233,11 @@ def synflow_scores(model: nn.Module, input_shape: Sequence[int], names: Optional
     if input_shape is None:
         raise ValueError("score 'synflow' needs input_shape (the shape of the all-ones input, batch dimension "
                          "included)")
-    try:
-        input_shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        raise TypeError(f"input_shape: expected a sequence of ints, got {input_shape!r}") from None
+    if isinstance(input_shape, (str, bytes, Tensor)) or not isinstance(input_shape, Sequence) or not input_shape \
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in input_shape):
+        raise ValueError(f"input_shape: expected a non-empty sequence of ints >= 1 (the all-ones input's shape, batch "
+                         f"dimension included), got {input_shape!r}")
+    input_shape = tuple(int(s) for s in input_shape)
     layers = _named_layers(model, names)
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
     negative = {k: torch.signbit(t) for k, t in tensors.items()}
@@ -310,8 +321,13 @@ def wanda_scores(model: nn.Module, calib_data, names: Optional[Sequence[str]] = 
 def lamp_transform(values: Tensor) -> Tensor:
     """LAMP scores of one layer's ``values`` (Lee et al. 2021): with the squares ``v^2`` sorted
     ascending (ties in flat-index order), ``score(u) = v_u^2 / sum_{v >= u} v^2``; 0 where that
-    sum is 0. Float32, the shape of ``values``. Computed in float64."""
+    sum is 0. Float32, the shape of ``values``. Computed in float64. NaN or infinite values are an
+    error (an infinite square would make every ratio NaN)."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values: expected a torch.Tensor, got {type(values).__name__}")
     sq = values.detach().reshape(-1).double().square()
+    if not torch.isfinite(sq).all():
+        raise ValueError("values: contains NaN or inf; LAMP scores need finite values")
     order = torch.sort(sq, stable=True).indices
     ranked = sq[order]
     tail = ranked.flip(0).cumsum(0).flip(0)
@@ -385,6 +401,12 @@ def fggp_keep_scores(weights: Sequence[Tensor], grads: Sequence[Tensor], kept: S
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 1.0 or math.isinf(rate):
         raise ValueError(f"rate: expected a finite number >= 1 (candidates per weight to prune), got {rate!r}")
+    weights = list(weights)
+    grads, kept, group = (check_length(v, len(weights), name, "weight")
+                          for v, name in ((grads, "grads"), (kept, "kept"), (group, "group")))
+    ks = list(ks)
+    if any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or not 0 <= g < len(ks) for g in group):
+        raise ValueError(f"group: expected ints in [0, {len(ks)}) (one k per group), got {group}")
     kept_counts = [0] * len(ks)
     for k, g in zip(kept, group):
         kept_counts[g] += int(k.sum())
