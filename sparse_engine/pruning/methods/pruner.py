@@ -134,18 +134,23 @@ def _plain(value):
 
 def _restores_on_error(init):
     """Wrap a pruner's ``__init__(self, model, optimizer, ...)`` so that a construction that raises
-    leaves ``model`` and ``optimizer`` as they were (``restore_on_error``). Nested constructors
-    (a subclass calling ``super().__init__``) copy once: the outermost block covers the others."""
+    leaves ``model`` and ``optimizer`` as they were (``restore_on_error``). Only the outermost
+    constructor copies: a subclass's ``super().__init__`` runs inside it, and an error it raises
+    propagates through it."""
     if getattr(init, "_restores_on_error", False):
         return init
 
     @functools.wraps(init)
     def __init__(self, model, optimizer, *args, **kwargs):
-        if not isinstance(model, nn.Module):
+        if not isinstance(model, nn.Module) or vars(self).get("_constructing", False):
             return init(self, model, optimizer, *args, **kwargs)  # its own checks name the argument
         opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-        with restore_on_error(model, opt):
-            init(self, model, optimizer, *args, **kwargs)
+        self._constructing = True
+        try:
+            with restore_on_error(model, opt):
+                init(self, model, optimizer, *args, **kwargs)
+        finally:
+            del self._constructing
 
     __init__._restores_on_error = True
     return __init__

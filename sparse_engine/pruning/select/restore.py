@@ -29,10 +29,9 @@ library uses it where a call changes the model in several steps that can fail in
 ``obs_layerwise``, ``chita``, ``chita_plus_plus``, SynFlow's rounds in ``prune_``, a pruner's
 construction, IMP's phase starts, and a pruner's prune followed by BatchNorm recalibration.
 A plain ``prune_`` does not copy anything: it checks its inputs and computes every mask before it
-changes the first one. Nested blocks on the same model (and optimizer) copy once: an inner block
-that an outer one covers does nothing.
+changes the first one. Every block takes its own copy, also inside another block: a caller that
+catches an inner block's error and goes on relies on the inner block having restored its part.
 """
-import contextvars
 import copy
 import functools
 from contextlib import contextmanager
@@ -43,11 +42,6 @@ from torch import Tensor, nn
 
 from sparse_engine.nn.mask_optimizer import installed_maskers
 from sparse_engine.nn.masked_module import MaskedModule
-
-# The snapshots of the blocks being run (innermost last), so that a nested block can see that an
-# outer one already covers its model.
-_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("sparse_engine_restore_on_error", default=())
-
 
 class _Attributes:
     """An object's attributes (``vars``), and the contents of those that are dicts, sets or lists
@@ -99,10 +93,6 @@ class ModelSnapshot:
             self._state = {p: copy.deepcopy(s) for p, s in optimizer.state.items()}
             self._maskers = installed_maskers(optimizer)
 
-    def covers(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> bool:
-        """Whether this snapshot restores everything a snapshot of ``model`` and ``optimizer`` would."""
-        return model is self.model and (optimizer is None or optimizer is self.optimizer)
-
     @torch.no_grad()
     def restore(self) -> None:
         """Put back every parameter, buffer, mask, module attribute and the optimizer as they were."""
@@ -139,19 +129,12 @@ def _copy_back(t: Tensor, saved: Tensor) -> None:
 @contextmanager
 def restore_on_error(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Iterator[None]:
     """Within the block, a raise restores ``model`` (and ``optimizer``) as they were (module docstring)."""
-    active = _ACTIVE.get()
-    if any(s.covers(model, optimizer) for s in active):
-        yield  # an outer block restores all of it
-        return
     snapshot = ModelSnapshot(model, optimizer)
-    token = _ACTIVE.set(active + (snapshot,))
     try:
         yield
     except BaseException:
         snapshot.restore()
         raise
-    finally:
-        _ACTIVE.reset(token)
 
 
 def restores_on_error(fn):
