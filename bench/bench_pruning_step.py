@@ -10,6 +10,10 @@ optimizer (AdamW; SGD with momentum), in the same run:
   ours_step     prune_(model, TO, "magnitude", "global") + handle.clear_state(), on a sparsify()'d
                 model whose optimizer runs under mask_optimizer. clear_state would otherwise run
                 in the next optimizer step's pre-hook; it is called here so that it is timed.
+  ours_restorable ours_step inside restore_on_error(model, optimizer): what a step costs if it copies
+                the model and optimizer state first so that a failure can be undone (pruners do it only
+                when BatchNorm recalibration follows the prune; a plain prune_ checks everything and
+                computes every mask before it changes one, and copies nothing)
   ours_prune    prune_ alone (scores, allocation, selection, set_mask, the sparsity report)
   ours_clear    handle.clear_state() alone
   ours_score    magnitude_scores(model)       } the public functions prune_ is built from, each
@@ -78,7 +82,7 @@ from timing import Times, copy_gbps, cpu_median_ms
 
 import sparse_engine
 from sparse_engine import mask_optimizer, prune_, sparse_modules, sparsify, topk_mask
-from sparse_engine.pruning import magnitude_scores, target_kept
+from sparse_engine.pruning import magnitude_scores, restore_on_error, target_kept
 
 BENCH = "pruning_step"
 TRAIN_BATCHES = 3        # a training step cycles through this many batches
@@ -89,6 +93,7 @@ TIE_FREE_FIRST_BITS, TIE_FREE_END_BITS = 0x3A800000, 0x3F800000
 
 LABELS = {
     "ours_step": "ours: prune_ + clear_state",
+    "ours_restorable": "ours: the same in restore_on_error",
     "ours_prune": "ours: prune_",
     "ours_clear": "ours: clear_state",
     "ours_score": "ours: magnitude_scores",
@@ -215,6 +220,11 @@ def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def ours_step(model: nn.Module, handle, sparsity: float) -> None:
     prune_(model, sparsity, "magnitude", "global")
     handle.clear_state()
+
+
+def restorable_step(model: nn.Module, opt: torch.optim.Optimizer, handle, sparsity: float) -> None:
+    with restore_on_error(model, opt):
+        ours_step(model, handle, sparsity)
 
 
 def torch_prune(params, amount: int) -> None:
@@ -380,6 +390,7 @@ def ours_methods(w: Workload, opt_name: str, s_from: float, s_to: float, device:
 
     return {
         "ours_step": Method(lambda i: ours_step(model, handle, s_to), restore),
+        "ours_restorable": Method(lambda i: restorable_step(model, opt, handle, s_to), restore),
         "ours_prune": Method(lambda i: prune_(model, s_to, "magnitude", "global"), restore),
         "ours_clear": Method(lambda i: handle.clear_state(), restore),
         "ours_score": Method(lambda i: magnitude_scores(model), restore),
@@ -433,7 +444,7 @@ def torch_methods(w: Workload, opt_name: str, s_from: float, s_to: float, device
 
 
 # Within a round, ours and torch alternate, so that a slow spell of a shared machine hits both.
-ROUND_ORDER = ("ours_step", "torch_step", "ours_train", "torch_train", "dense_train", "ours_prune", "torch_prune",
+ROUND_ORDER = ("ours_step", "torch_step", "ours_restorable", "ours_train", "torch_train", "dense_train", "ours_prune", "torch_prune",
                "ours_clear", "torch_clear", "ours_score", "ours_select", "ours_set_mask")
 
 
@@ -548,6 +559,9 @@ def summary_lines(rows: list[dict]) -> list[str]:
                      f"({ours['ms']:.4g} ms), {ref['train_steps']:.3g} training steps under torch.nn.utils.prune "
                      f"({ref['ms']:.4g} ms): torch ms / ours ms = {ours['speedup_vs_torch']:.3g}; in dense training steps "
                      f"{ours['dense_train_steps']:.3g} vs {ref['dense_train_steps']:.3g}")
+        lines.append(f"{case}: restore_on_error around the step (a copy of the weights, buffers and optimizer state "
+                     f"first) takes it from {ours['ms']:.4g} ms to {m['ours_restorable']['ms']:.4g} ms "
+                     f"({m['ours_restorable']['ms'] / ours['ms']:.3g}x); prune_ alone copies nothing")
         parts = sum(m[p]["ms"] for p in ("ours_score", "ours_select", "ours_set_mask"))
         lines.append(f"{case}: ours' phases (ms): score {m['ours_score']['ms']:.3g}, select "
                      f"{m['ours_select']['ms']:.3g}, set_mask {m['ours_set_mask']['ms']:.3g}, rest of prune_ "
