@@ -75,7 +75,8 @@ class ModelState:
         for n, (bits, version) in self.masks.items():
             if n not in layers or not same_bits(layers[n].mask_bits, bits):
                 diff.append(f"mask of {n}: changed")
-            elif layers[n].mask_version < version or (layers[n].mask_version != version and not allow_new_mask_versions):
+            elif layers[n].mask_version < version or (layers[n].mask_version != version
+                                                      and not allow_new_mask_versions):
                 diff.append(f"mask_version of {n}: {version} -> {layers[n].mask_version}")
         modules = dict(model.named_modules())
         for n, (m, training, hooks, attrs) in self.modules.items():

@@ -198,8 +198,8 @@ BAD_CALLS = {
 
 
 # Cases run on a model with a NaN weight in its last layer.
-NAN_WEIGHT_CASES = {"prune-nan-weights", "prune-synflow-nan-weights", "obs-nan-in-last-layer", "chita-nan-in-last-layer",
-                    "chita++-nan-in-last-layer", "oneshot-nan-weights"}
+NAN_WEIGHT_CASES = {"prune-nan-weights", "prune-synflow-nan-weights", "obs-nan-in-last-layer",
+                    "chita-nan-in-last-layer", "chita++-nan-in-last-layer", "oneshot-nan-weights"}
 
 
 # Pruner constructors also run on an optimizer without mask_optimizer: they install one, then fail.
@@ -216,7 +216,8 @@ def test_a_call_that_raises_changes_nothing(case, masker):
     before = ModelState(m, opt)
     with pytest.raises((ValueError, TypeError, RuntimeError)):
         BAD_CALLS[case](m, opt)
-    before.assert_unchanged()
+    # prune_ checks everything and computes every mask before it sets one: not even a mask version moves.
+    before.assert_unchanged(allow_new_mask_versions=not case.startswith(("prune-", "global-")))
 
 
 def test_nan_in_a_later_layer_leaves_earlier_layers_unpruned():
