@@ -266,7 +266,7 @@ def test_pruning_step_cpu_quick_run_writes_rows_and_table(tmp_path, step_bench):
     assert rows[0]["device"] in md and rows[0]["git_sha"] in md and rows[0]["torch"] in md
     assert len([line for line in md.splitlines() if line.startswith("| mlp-") or line.startswith("| cnn-")]) == len(rows)
     summary = [line for line in md.split("## Summary")[1].splitlines() if line.startswith("- ")]
-    assert len(summary) == 2 * len(STEP_QUICK_MODELS) * len(optimizers), summary
+    assert len(summary) == 3 * len(STEP_QUICK_MODELS) * len(optimizers), summary  # headline, restore_on_error, phases
 
 
 def test_pruning_step_tie_free_weights(step_bench):
