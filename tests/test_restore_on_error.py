@@ -105,7 +105,7 @@ class FailingLoader:
 
 
 def bad_lr_schedule(opt, total):
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5)  # sets lr and initial_lr ...
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5)          # sets lr and initial_lr ...
     raise RuntimeError("injected scheduler failure")              # ... then fails
 
 

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from sparse_engine.nn.mask_optimizer import installed_maskers
 from sparse_engine.nn.masked_module import MaskedModule
 
+
 class _Attributes:
     """An object's attributes (``vars``), and the contents of those that are dicts, sets or lists
     (a module's ``_parameters``, ``_buffers``, ``_modules``, hook dicts; an optimizer's
