@@ -58,8 +58,8 @@ def test_include_exclude_and_unsupported_layers():
     with pytest.raises(ValueError, match="backend: expected one of"):
         sparsify(Net(), backend="cutlass")
     mha = nn.MultiheadAttention(8, 2)
-    sparsify(mha)  # out_proj is a Linear subclass used outside forward: left dense
-    assert not sparse_modules(mha)
+    sparsify(mha)  # out_proj (a Linear subclass whose weight the parent reads) is converted with it
+    assert [n for n, _ in sparse_modules(mha)] == ["in_proj_weight", "out_proj"]
 
 
 def test_masked_forward_equals_dense_with_masked_weight():

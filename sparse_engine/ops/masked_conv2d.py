@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.mask_pack import unpack_mask, unpack_mask_ref
 from sparse_engine.ops.masked_linear import check_bias, check_masked_weight
 
@@ -38,6 +39,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)  # F.conv2d's autocast policy
     check_masked_weight(weight, mask_bits, x.device)
     if weight.dim() != 4:
         raise ValueError(f"weight: expected shape (out_channels, in_channels/groups, kH, kW), got {tuple(weight.shape)}")
