@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 DEPS := triton==3.9.0 numpy==2.4.6 pybind11==3.1.0 pytest==9.2.0 tqdm==4.70.1 matplotlib==3.11.2 \
-        ninja==1.13.2 setuptools==84.2.1 wheel
+        ninja==1.13.2 setuptools==84.2.1 wheel \
+        safetensors==0.8.0
 DATA_DIR ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
@@ -27,7 +28,7 @@ SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
 setup: $(BUILD_STAMP)
 
-$(ENV_STAMP):
+$(ENV_STAMP): Makefile
 ifndef VIRTUAL_ENV
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 endif

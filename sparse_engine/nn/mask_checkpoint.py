@@ -85,6 +85,19 @@ def save_masks(module, destination, prefix: str, keep_vars: bool) -> None:
             entry[metadata_key(n)] = bits.detach().clone()
 
 
+def saved_masks(state_dict) -> dict[str, Tensor]:
+    """The masks in a ``state_dict``'s ``_metadata`` as ``{"<module>.<mask buffer name>": int32 bits}``."""
+    from sparse_engine.nn.masked_module import mask_buffer_name
+    out = {}
+    for module_name, entry in (getattr(state_dict, "_metadata", None) or {}).items():
+        for key, bits in entry.items():
+            if key == METADATA_KEY or key.startswith(METADATA_KEY + "."):
+                param = "weight" if key == METADATA_KEY else key[len(METADATA_KEY) + 1:]
+                buffer = mask_buffer_name(param)
+                out[f"{module_name}.{buffer}" if module_name else buffer] = bits
+    return out
+
+
 def _version(t: Tensor) -> Optional[int]:
     try:
         return t._version
@@ -99,6 +112,11 @@ def _was_written(now: Tensor, before: tuple, key_present: bool) -> bool:
     if version is None:
         return key_present
     return _version(now) != version
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.device == b.device and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and not a.is_meta and a.data_ptr() == b.data_ptr())
 
 
 def _describe(value) -> str:
@@ -156,9 +174,14 @@ def load_with_masks(module, load, state_dict, prefix: str, local_metadata, stric
             weight = getattr(module, n)
             if n in module._mask_owners:
                 owner, owner_name = module._mask_owners[n]
-                if getattr(owner, owner_name) is weight:
+                shared = getattr(owner, owner_name)
+                if shared is weight:
                     continue  # still tied: the layer holding the mask loads it
-                # assign=True gave this layer its own tensor: it holds its own mask from now on.
+                if _same_view(shared, weight):
+                    # assign=True wrapped the checkpoint's one tensor in two Parameters: tie them again.
+                    setattr(module, n, shared)
+                    continue
+                # This layer now has a weight of its own: it holds its own mask from now on.
                 module._register_mask(n, torch.ones_like(weight, dtype=torch.bool))
             if not _was_written(weight, before[n], prefix + n in state_dict):
                 continue  # torch did not load this weight: it keeps its mask

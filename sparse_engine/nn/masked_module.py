@@ -339,3 +339,15 @@ def sparse_modules(model: nn.Module) -> list[tuple[str, object]]:
                     seen.add(id(unit.weight))
                     units.append((unit_name, unit))
     return units
+
+
+def require_input_kind(name: str, unit, what: str) -> str:
+    """``unit.input_kind`` (``"linear"`` or ``"conv2d"``) for methods that hook a layer's input
+    activations (Wanda, OBS); a clear error for layers whose forward does not receive them."""
+    kind = getattr(unit, "input_kind", None)
+    if kind not in ("linear", "conv2d"):
+        desc = (f"{type(unit.module).__name__}.{unit.name}" if isinstance(unit, MaskedWeight)
+                else type(unit).__name__)
+        raise ValueError(f"{what} reads each layer's input activations, which only Linear and Conv2d layers receive "
+                         f"in their own forward; layer '{name}' ({desc}) does not: exclude it (exclude=[{name!r}])")
+    return kind

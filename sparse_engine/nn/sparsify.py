@@ -12,13 +12,14 @@ logged (logger ``sparse_engine.nn.sparsify``, level INFO) and printed by ``spars
 """
 import fnmatch
 import logging
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from sparse_engine.nn.conversion import SPARSE_TYPES, convert_module, sparse_class_for
-from sparse_engine.nn.masked_module import MaskedModule, check_model, mask_buffer_name, sparse_modules
+from sparse_engine.nn.masked_module import MaskedModule, MaskedWeight, check_model, mask_buffer_name, sparse_modules
 from sparse_engine.nn.report import SparsityReport, sparsity_report, weight_coverage
 from sparse_engine.ops.masked_linear import check_backend
 
@@ -221,6 +222,39 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
+def exclude_units(units: list, exclude: Selector, argname: str = "exclude") -> list:
+    """The ``(name, unit)`` pairs of ``units`` that ``exclude`` does not match.
+
+    A ``MaskedWeight`` unit (``"lstm.weight_ih_l0"``) is matched by its own name or by its
+    layer's (``"lstm"``). A name pattern that matches no unit or layer name is an error.
+    """
+    matcher = name_matcher(exclude, argname)
+    if matcher is None:
+        return list(units)
+    aliases = [(n, u, [n, n.rpartition(".")[0]] if isinstance(u, MaskedWeight) else [n]) for n, u in units]
+    check_patterns_match(exclude, argname, [a for _, _, names in aliases for a in names])
+    return [(n, u) for n, u, names in aliases if not any(matcher(a, u) for a in names)]
+
+
+def check_materialized(layers) -> None:
+    """Raise for sparse layers on the meta device (no values to prune or report)."""
+    meta = [name for name, unit in layers if unit.weight.is_meta]
+    if meta:
+        raise ValueError(f"model: layer(s) {meta} are on the meta device (no values); load the weights first, "
+                         f"e.g. model.load_state_dict(state_dict, assign=True)")
+
+
+def warn_empty_layers(report: SparsityReport, names, caller: str) -> None:
+    """Warn about the layers among ``names`` that keep no weight (pruned to density 0)."""
+    names = set(names)
+    empty = [n for n in report.empty_layers() if n in names]
+    if empty:
+        warnings.warn(f"{caller}: layer(s) {empty} are pruned to density 0 (every output they compute is the bias, or "
+                      f"zero); keep a minimum per layer with min_density= (e.g. prune_(..., min_density=0.02)), or use "
+                      f"a per-layer allocation such as 'erk' or 'uniform'", stacklevel=3)
+
+
 # Re-exported here, where they lived before nn/report.py.
 __all__ = ["sparsify", "densify", "sparse_modules", "name_matcher", "check_patterns_match", "Selector",
-           "SPARSE_TYPES", "SparsityReport", "sparsity_report"]
+           "SPARSE_TYPES", "SparsityReport", "sparsity_report", "check_materialized", "warn_empty_layers",
+           "exclude_units"]
