@@ -20,10 +20,13 @@ Loading (``load_state_dict``), per masked weight:
   model keeps its sparsity; ``with missing_masks("dense"):`` restores the earlier behaviour
   (dense masks). A weight that is all zeros then gets an empty mask, with a warning;
 * a saved mask that is not an int32 tensor of the packed shape is reported the way torch reports
-  load problems, naming the layer: with ``strict=True`` in the one ``RuntimeError`` that lists
-  every problem, with ``strict=False`` in the returned ``unexpected_keys`` (plus a warning). That
-  layer's mask is derived from its loaded weight's zeros, so no layer ever holds weights that
-  disagree with its mask;
+  an unusable checkpoint entry: as the unexpected key ``"<module>.mask_bits"`` (``strict=True``
+  raises the one ``RuntimeError`` that lists every such key with torch's other problems,
+  ``strict=False`` returns them), plus a warning saying what is wrong with each. (torch calls
+  every layer with ``strict=True`` and applies ``strict`` to the key lists afterwards, so the key
+  lists are the only channel that ``strict=False`` turns into a return value.) That layer's mask
+  is derived from its loaded weight's zeros, so no layer ever holds weights that disagree with
+  its mask;
 * ``assign=True`` (the meta-device pattern: build on ``meta``, then
   ``load_state_dict(sd, assign=True)``) puts the masks on the loaded weights' device.
 """
@@ -194,13 +197,11 @@ def load_with_masks(module, load, state_dict, prefix: str, local_metadata, stric
             if n in saved:
                 mask, problem = _checked_saved_mask(saved[n], weight)
                 if problem is not None:
-                    message = f"saved mask for '{layer}' ({type(module).__name__}): {problem}"
-                    if strict:
-                        error_msgs.append(message)
-                    else:
-                        unexpected_keys.append(prefix + bits_name)
-                        warnings.warn(f"load_state_dict: {message}; its mask was derived from the loaded weight's "
-                                      f"exact zeros instead", stacklevel=4)
+                    # torch passes strict=True to every layer and applies strict to the key lists itself:
+                    # an unexpected key makes strict=True raise and strict=False return it.
+                    unexpected_keys.append(prefix + bits_name)
+                    warnings.warn(f"load_state_dict: saved mask for '{layer}' ({type(module).__name__}): {problem}; "
+                                  f"its mask was derived from the loaded weight's exact zeros instead", stacklevel=4)
             if mask is None:
                 mask = _mask_without_saved(layer, weight)
             module.set_mask(mask, n)

@@ -91,7 +91,8 @@ def _masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[
 
 @_masked_conv2d.register_kernel("cpu")
 def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
-    return F.conv2d(x, _masked_weight_cpu(weight, mask_bits), bias, stride, padding, dilation, groups)
+    # contiguous, as the fake promises (F.conv2d keeps a channels-last input's layout)
+    return F.conv2d(x, _masked_weight_cpu(weight, mask_bits), bias, stride, padding, dilation, groups).contiguous()
 
 
 @_masked_conv2d.register_kernel("cuda")
@@ -123,7 +124,7 @@ def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor, x_shape: list[int
 @_grad_input.register_kernel("cpu")
 def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
     return torch.nn.grad.conv2d_input(x_shape, _masked_weight_cpu(weight, mask_bits), dy, stride, padding,
-                                      dilation, groups)
+                                      dilation, groups).contiguous()
 
 
 @_grad_input.register_kernel("cuda")
@@ -149,7 +150,7 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[in
 @_grad_weight.register_kernel("cpu")
 def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
     dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation, groups)
-    return dw.masked_fill_(~unpack_mask(mask_bits, weight_shape), 0)
+    return dw.masked_fill_(~unpack_mask(mask_bits, weight_shape), 0).contiguous()
 
 
 @_grad_weight.register_kernel("cuda")
