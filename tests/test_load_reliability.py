@@ -129,6 +129,8 @@ def test_tied_weights_share_one_mask_counted_once():
 def test_tied_weights_checkpoint_roundtrip_and_dense_reload():
     model = sparsify(build_model("tied_lm", vocab_size=64, dim=16))
     prune_(model, 0.5, allocation="uniform")
+    with torch.no_grad():  # a kept weight that is exactly 0: the saved mask, not the zeros, must decide
+        model.embed.weight[tuple(model.embed.mask.nonzero()[0])] = 0.0
     sd = roundtrip(model.state_dict())
     fresh = sparsify(build_model("tied_lm", vocab_size=64, dim=16))
     fresh.load_state_dict(sd)
@@ -145,6 +147,8 @@ def test_meta_model_loads_with_assign_and_runs():
     """Item 7: load_state_dict(sd, assign=True) left mask_bits on the meta device; the model could not run."""
     source = sparsify(build_model("tied_lm", vocab_size=64, dim=16))
     prune_(source, 0.5, allocation="uniform")
+    with torch.no_grad():
+        source.embed.weight[tuple(source.embed.mask.nonzero()[0])] = 0.0
     with torch.device("meta"):
         model = build_model("tied_lm", vocab_size=64, dim=16)
     sparsify(model)

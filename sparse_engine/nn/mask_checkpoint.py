@@ -178,14 +178,22 @@ def load_with_masks(module, load, state_dict, prefix: str, local_metadata, stric
             if n in module._mask_owners:
                 owner, owner_name = module._mask_owners[n]
                 shared = getattr(owner, owner_name)
-                if shared is weight:
-                    continue  # still tied: the layer holding the mask loads it
-                if _same_view(shared, weight):
+                entry_version = before[n][1]
+                if _same_view(shared, weight) and shared is not weight:
                     # assign=True wrapped the checkpoint's one tensor in two Parameters: tie them again.
                     setattr(module, n, shared)
+                    weight, entry_version = shared, _version(shared)
+                if shared is weight:
+                    # Still tied: the layer holding the mask loaded it, unless the checkpoint had only this
+                    # layer's key (safetensors' save_model keeps one name of a shared tensor).
+                    handled = getattr(owner, "_mask_loaded_at", {}).get(owner_name) == entry_version
+                    if _was_written(weight, before[n], prefix + n in state_dict) and not handled:
+                        module.set_mask(_mask_without_saved(f"{prefix}{n}", weight), n)
                     continue
                 # This layer now has a weight of its own: it holds its own mask from now on.
                 module._register_mask(n, torch.ones_like(weight, dtype=torch.bool))
+            loaded_at = module.__dict__.setdefault("_mask_loaded_at", {})
+            loaded_at.pop(n, None)
             if not _was_written(weight, before[n], prefix + n in state_dict):
                 continue  # torch did not load this weight: it keeps its mask
             bits_name = mask_buffer_name(n)
@@ -205,3 +213,4 @@ def load_with_masks(module, load, state_dict, prefix: str, local_metadata, stric
             if mask is None:
                 mask = _mask_without_saved(layer, weight)
             module.set_mask(mask, n)
+            loaded_at[n] = _version(weight)  # tells a layer tied to this weight, loaded next, that it is done

@@ -215,7 +215,8 @@ def densify(model: nn.Module) -> nn.Module:
     for module in layers:
         for n in module.owned_masked_weights():
             del module._buffers[mask_buffer_name(n)]
-        for attr in ("backend", "_masked_names", "_mask_owners", "_mask_versions", "_weight_overrides", "input_kind"):
+        for attr in ("backend", "_masked_names", "_mask_owners", "_mask_versions", "_weight_overrides", "input_kind",
+                     "_mask_loaded_at"):
             module.__dict__.pop(attr, None)
         module.__class__ = module.dense_type
     _unguard_transformer_fast_paths(model)
