@@ -24,7 +24,7 @@ endif
 BUILD_STAMP := $(dir $(ENV_STAMP)).sparse_engine-build
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test demo demo-second-order bench data clean
+.PHONY: setup test test-models demo demo-second-order bench data clean
 
 setup: $(BUILD_STAMP)
 
@@ -43,6 +43,10 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 test: setup
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The reference models end to end, with torch.compile and torch.export of each (several minutes on 2 cores).
+test-models: setup
+	SPARSE_ENGINE_SLOW_TESTS=1 $(PY) -m pytest -q tests/test_coverage.py $(PYTEST_ARGS)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; nothing is downloaded at run time.
 data:

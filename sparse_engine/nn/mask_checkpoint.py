@@ -28,7 +28,12 @@ Loading (``load_state_dict``), per masked weight:
   is derived from its loaded weight's zeros, so no layer ever holds weights that disagree with
   its mask;
 * ``assign=True`` (the meta-device pattern: build on ``meta``, then
-  ``load_state_dict(sd, assign=True)``) puts the masks on the loaded weights' device.
+  ``load_state_dict(sd, assign=True)``) puts the masks on the loaded weights' device. torch would
+  wrap the checkpoint's one tensor of a tied weight in two Parameters; the layers are tied again.
+
+Tied weights: the layer holding the mask (the first in module order) loads it; a later layer
+sharing the Parameter derives the mask only when the checkpoint named the weight under its key
+alone (``safetensors.torch.save_model`` keeps one name of a shared tensor).
 """
 import contextvars
 import warnings
