@@ -1,11 +1,11 @@
 """Sparse layers and the model API: sparsify/densify, masks, state_dict, report, compile."""
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
+from sparse_checkpoints import roundtrip
 from sparse_engine import (SparseConv2d, SparseLinear, densify, mask_optimizer, sparsify, sparse_modules,
                            sparsity_report)
 
@@ -104,13 +104,6 @@ def test_densify_leaves_exact_zeros():
     for name, mask in masks.items():
         w = model.get_submodule(name).weight
         assert (w[~mask] == 0).all()
-
-
-def roundtrip(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf)
 
 
 def test_state_dict_strict_both_ways_and_masks_restored():

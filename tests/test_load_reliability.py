@@ -1,8 +1,6 @@
 """Issue 11 items 1-3, 6, 7, 8, 10, 11 for the layers: each test reproduces a report and failed on
 the code before the fix (they import only what existed then, so that they can be run against it).
 """
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -10,36 +8,7 @@ from torch import nn
 from sparse_engine import (SparseLinear, densify, mask_optimizer, masked_linear, pack_mask, prune_, sparse_modules,
                            sparsify, sparsity_report)
 from sparse_engine.models import build_model, example_batch
-
-
-def mlp(widths=(13, 9, 7, 5)):
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def pruned_mlp(sparsity=0.7, widths=(13, 9, 7, 5)):
-    model = sparsify(mlp(widths))
-    prune_(model, sparsity, allocation="uniform")
-    return model
-
-
-def masks(model):
-    return {n: u.mask for n, u in sparse_modules(model)}
-
-
-def assert_consistent(model):
-    """Every sparse layer's pruned weights are exact zeros: weights never disagree with masks."""
-    for name, unit in sparse_modules(model):
-        assert (unit.weight[~unit.mask] == 0).all(), f"{name}: non-zero weights at pruned positions"
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf)
+from sparse_checkpoints import assert_consistent, masks, mlp, pruned_mlp, roundtrip
 
 
 # ---- issue 11 items 1-3: loads that leave every layer consistent -------------------------------

@@ -3,7 +3,6 @@
 The issue-11 load tests (corrupt masks, other architectures, tied weights, meta devices) are in
 ``test_load_reliability.py``.
 """
-import io
 import warnings
 
 import pytest
@@ -15,36 +14,7 @@ import sparse_engine as se
 from sparse_engine import (load_safetensors, mask_optimizer, missing_masks, prune_, save_safetensors, sparse_modules,
                            sparsify, sparsity_report)
 from sparse_engine.models import build_model, example_batch
-
-
-def mlp(widths=(13, 9, 7, 5)):
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def pruned_mlp(sparsity=0.7, widths=(13, 9, 7, 5)):
-    model = sparsify(mlp(widths))
-    prune_(model, sparsity, allocation="uniform")
-    return model
-
-
-def masks(model):
-    return {n: u.mask for n, u in sparse_modules(model)}
-
-
-def assert_consistent(model):
-    """Every sparse layer's pruned weights are exact zeros: weights never disagree with masks."""
-    for name, unit in sparse_modules(model):
-        assert (unit.weight[~unit.mask] == 0).all(), f"{name}: non-zero weights at pruned positions"
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf)
+from sparse_checkpoints import assert_consistent, masks, mlp, pruned_mlp, roundtrip
 
 
 # ---- issue 10 item 4: masks that cannot be lost ------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_engine.nn.masked_module import MaskedModule, check_model
+from sparse_engine.nn.report import format_table
 from sparse_engine.nn.sparse_linear import SparseLinear
 from sparse_engine.nn.sparsify import densify
 
@@ -85,10 +86,8 @@ class ExportReport:
                  str(layer.dense_bytes), f"{layer.bytes / max(layer.dense_bytes, 1):.3f}") for layer in self.layers]
         rows.append(("total", "", "", str(self.bytes), str(self.dense_bytes),
                      f"{self.bytes / max(self.dense_bytes, 1):.3f}"))
-        head = ("layer", "layout", "shape", "bytes", "dense bytes", "ratio")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+        return "\n".join(format_table(rows, ("layer", "layout", "shape", "bytes", "dense bytes", "ratio"),
+                                       right_from=3))
 
 
 def tensor_bytes(t: Tensor) -> int:

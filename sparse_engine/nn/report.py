@@ -39,7 +39,8 @@ class DenseWeight:
     reason: str
 
 
-def _table(rows: list[tuple], head: tuple, right_from: int) -> list[str]:
+def format_table(rows: list[tuple], head: tuple, right_from: int) -> list[str]:
+    """Lines of a text table: a header, a rule, the rows; columns from ``right_from`` on right-aligned."""
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i < right_from else f"{{:>{w}}}" for i, w in enumerate(widths))
     return [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
@@ -105,10 +106,10 @@ class SparsityReport:
         if self.dense:
             rows.append(("global", "all weights", f"{self.all_density:.4f}",
                          str(self.kept + self.all_numel - self.numel), str(self.all_numel)))
-        lines = _table(rows, ("layer", "shape", "density", "nonzeros", "weights"), right_from=2)
+        lines = format_table(rows, ("layer", "shape", "density", "nonzeros", "weights"), right_from=2)
         if self.dense:
             lines += ["", f"left dense ({100 * (1 - self.coverage):.1f}% of weight elements):"]
-            lines += _table([(w.name, "x".join(map(str, w.shape)), w.reason) for w in self.dense],
+            lines += format_table([(w.name, "x".join(map(str, w.shape)), w.reason) for w in self.dense],
                             ("weight", "shape", "reason"), right_from=3)
         return "\n".join(lines)
 
