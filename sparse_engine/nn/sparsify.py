@@ -197,6 +197,7 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
         for n in names:
             owners.setdefault(id(getattr(module, n)), (module, n))
     _guard_transformer_fast_paths(model)
+    logger.debug("sparsify: converted %s", plan)
     if logger.isEnabledFor(logging.INFO):
         logger.info("sparsify: converted %d layer(s); %s", len(plan), weight_coverage(model))
     return model
