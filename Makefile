@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 DEPS := triton==3.9.0 numpy==2.4.6 pybind11==3.1.0 pytest==9.2.0 tqdm==4.70.1 matplotlib==3.11.2 \
-        ninja==1.13.2 setuptools==84.2.1 wheel
+        ninja==1.13.2 setuptools==84.2.1 wheel \
+        safetensors==0.8.0
 DATA_DIR ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
@@ -23,11 +24,11 @@ endif
 BUILD_STAMP := $(dir $(ENV_STAMP)).sparse_engine-build
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test demo demo-second-order bench data clean
+.PHONY: setup test test-models demo demo-second-order bench data clean
 
 setup: $(BUILD_STAMP)
 
-$(ENV_STAMP):
+$(ENV_STAMP): Makefile
 ifndef VIRTUAL_ENV
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 endif
@@ -42,6 +43,10 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 test: setup
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The reference models end to end, with torch.compile and torch.export of each (several minutes on 2 cores).
+test-models: setup
+	SPARSE_ENGINE_SLOW_TESTS=1 $(PY) -m pytest -q tests/test_coverage.py $(PYTEST_ARGS)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; nothing is downloaded at run time.
 data:

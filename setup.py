@@ -94,6 +94,7 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        "safetensors>=0.4",
     ],
     zip_safe=False,
 )

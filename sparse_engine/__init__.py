@@ -10,6 +10,11 @@ from sparse_engine.nn import (MaskedModule, MaskedOptimizer, SparseConv2d, Spars
                               mask_optimizer, sparse_modules, sparsify, sparsity_report)
 from sparse_engine.ops import masked_conv2d, masked_linear, pack_mask, topk_mask, unpack_mask
 from sparse_engine.pruning import prune_
+# Every weight type, masks in checkpoints, export (issue 10).
+from sparse_engine.export import load_safetensors, save_safetensors, to_sparse
+from sparse_engine.nn import (SPARSE_TYPES, MaskedWeight, SparseBilinear, SparseConv1d, SparseConv3d,
+                              SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseEmbedding,
+                              SparseGRU, SparseLSTM, SparseMultiheadAttention, SparseRNN, missing_masks)
 
 __version__ = "0.1.0"
 
@@ -17,4 +22,7 @@ __all__ = [
     "SparseLinear", "SparseConv2d", "MaskedModule", "sparsify", "densify", "sparse_modules", "sparsity_report",
     "SparsityReport", "mask_optimizer", "MaskedOptimizer", "masked_linear", "masked_conv2d", "pack_mask",
     "unpack_mask", "topk_mask", "prune_",
+    "MaskedWeight", "SPARSE_TYPES", "SparseConv1d", "SparseConv3d", "SparseConvTranspose1d", "SparseConvTranspose2d",
+    "SparseConvTranspose3d", "SparseEmbedding", "SparseBilinear", "SparseLSTM", "SparseGRU", "SparseRNN",
+    "SparseMultiheadAttention", "missing_masks", "to_sparse", "save_safetensors", "load_safetensors",
 ]

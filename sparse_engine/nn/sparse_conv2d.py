@@ -15,19 +15,32 @@ class SparseConv2d(MaskedModule, nn.Conv2d):
     input first, as ``nn.Conv2d`` does.
     """
 
+    dense_type = nn.Conv2d
+    input_kind = "conv2d"
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None,
                  backend: str = "triton"):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-        self._init_mask(backend)
+                         groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+                         backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
-        if isinstance(padding, str) or self.padding_mode != "zeros":
-            # As nn.Conv2d: pad explicitly ("same" may need asymmetric padding), then convolve unpadded.
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-            padding = (0, 0)
-        return masked_conv2d(x, self.weight, self.mask_bits, self.bias, self.stride, padding, self.dilation,
+        override = self.weight_override()
+        if override is not None:
+            return self._conv_forward(x, override, self.bias)
+        x, padding = explicit_padding(self, x)
+        return masked_conv2d(x, self.weight, self.mask_bits_of(), self.bias, self.stride, padding, self.dilation,
                              self.groups)
+
+
+def explicit_padding(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple]:
+    """``(x, padding)`` for a zero-padding masked convolution that computes ``conv`` (a ConvNd).
+
+    As ``nn.ConvNd`` does, padding modes other than ``"zeros"`` and string paddings (``"same"``
+    may need asymmetric padding) pad the input explicitly, then convolve unpadded.
+    """
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0,) * len(conv.kernel_size)
+    return x, conv.padding

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.mask_pack import unpack_mask, unpack_mask_ref
 from sparse_engine.ops.masked_linear import check_bias, check_masked_weight
 
@@ -41,6 +42,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)  # F.conv2d's autocast policy
     check_masked_weight(weight, mask_bits, x.device)
     if weight.dim() != 4:
         raise ValueError(f"weight: expected shape (out_channels, in_channels/groups, kH, kW), got {tuple(weight.shape)}")
@@ -92,7 +94,8 @@ def _masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[
 
 @_masked_conv2d.register_kernel("cpu")
 def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
-    return F.conv2d(x, _masked_weight_cpu(weight, mask_bits), bias, stride, padding, dilation, groups)
+    # contiguous, as the fake promises (F.conv2d keeps a channels-last input's layout)
+    return F.conv2d(x, _masked_weight_cpu(weight, mask_bits), bias, stride, padding, dilation, groups).contiguous()
 
 
 @_masked_conv2d.register_kernel("cuda")
@@ -124,7 +127,7 @@ def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor, x_shape: list[int
 @_grad_input.register_kernel("cpu")
 def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
     return torch.nn.grad.conv2d_input(x_shape, _masked_weight_cpu(weight, mask_bits), dy, stride, padding,
-                                      dilation, groups)
+                                      dilation, groups).contiguous()
 
 
 @_grad_input.register_kernel("cuda")
@@ -150,7 +153,7 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[in
 @_grad_weight.register_kernel("cpu")
 def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
     dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation, groups)
-    return dw.masked_fill_(~unpack_mask(mask_bits, weight_shape), 0)
+    return dw.masked_fill_(~unpack_mask(mask_bits, weight_shape), 0).contiguous()
 
 
 @_grad_weight.register_kernel("cuda")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sparse_engine import _C
+from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.mask_pack import packed_shape, unpack_mask_ref
 
 BACKENDS = ("triton", "cuda")
@@ -70,9 +71,12 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
             ignored on CPU.
     Returns:
         ``(..., N)`` in ``x``'s dtype, accumulated in float32 (float64 for float64).
+
+    Under ``torch.autocast`` the inputs are cast as ``F.linear``'s are (``sparse_engine.ops.autocast``).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     check_masked_weight(weight, mask_bits, x.device)
     check_backend(backend)
     if weight.dim() != 2:
@@ -83,6 +87,9 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     if x.dtype != weight.dtype:
         raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
     check_bias(bias, weight.shape[0], x.dtype, x.device)
+    if weight.numel() == 0 or x.numel() == 0:
+        # Nothing to mask (K = 0 or N = 0) or no rows: F.linear's result (the bias, or an empty tensor).
+        return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
     y = torch.ops.sparse_engine.masked_linear(x.reshape(-1, x.shape[-1]), weight, mask_bits, bias, backend)
     return y.reshape(*lead, weight.shape[0])

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_engine.nn.masked_module import MaskedModule
+from sparse_engine.nn.masked_module import MaskedModule, require_input_kind
 from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
@@ -481,6 +481,7 @@ def obs_layerwise(model: nn.Module, calib_data, sparsity: float, block_size: int
     layers = prunable_layers(model, exclude)
     for name, layer in layers:
         gran.check_layer(name, layer.weight.shape)
+        require_input_kind(name, layer, "obs_layerwise")
     _check_calib_data(calib_data)
     for name, layer in layers:
         dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32

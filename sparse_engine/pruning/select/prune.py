@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from sparse_engine.nn.masked_module import MaskedModule
-from sparse_engine.nn.sparsify import Selector, SparsityReport, name_matcher, sparse_modules, sparsity_report
+from sparse_engine.nn.sparsify import (Selector, SparsityReport, check_materialized, exclude_units, sparse_modules,
+                                      sparsity_report, warn_empty_layers)
 from sparse_engine.pruning.select.allocation import ALLOCATIONS, allocate
 from sparse_engine.pruning.select.granularity import Granularity, nm_mask, parse_granularity, select
 from sparse_engine.pruning.select.restore import restore_on_error
@@ -69,14 +70,11 @@ def prunable_layers(model: nn.Module, exclude: Selector) -> list[tuple[str, Mask
     layers = sparse_modules(model)
     if not layers:
         raise ValueError("model: expected a model with sparse layers (call sparse_engine.sparsify first), found none")
-    if not (exclude is None or callable(exclude) or isinstance(exclude, (str, list, tuple, set, frozenset))):
-        raise TypeError(f"exclude: expected None, a name pattern, a list of name patterns or a callable "
-                        f"(name, module) -> bool, got {exclude!r}")
-    exc = name_matcher(exclude, "exclude")
-    if exc is not None:
-        layers = [(n, m) for n, m in layers if not exc(n, m)]
+    if exclude is not None:
+        layers = exclude_units(layers, exclude)
         if not layers:
             raise ValueError("exclude: every sparse layer is excluded; nothing to prune")
+    check_materialized(layers)
     return layers
 
 
@@ -232,4 +230,6 @@ def prune_(model: nn.Module, sparsity: float, score: Union[str, Mapping[str, Ten
     else:
         _prune_round(model, layers, sparsity, score if name is None else name, allocation, gran, regrow,
                      min_density, inputs)
-    return sparsity_report(model)
+    report = sparsity_report(model)
+    warn_empty_layers(report, [n for n, _ in layers], "prune_")
+    return report

@@ -18,7 +18,7 @@ an iterable of batches, each a tensor or a tuple whose first element is the inpu
 """
 import math
 import numbers
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_engine.nn.masked_module import MaskedModule
+from sparse_engine.nn.masked_module import MaskedModule, require_input_kind
 from sparse_engine.nn.sparse_conv2d import SparseConv2d
 from sparse_engine.nn.sparsify import sparse_modules
 from sparse_engine.ops.mask_pack import unpack_mask
@@ -53,28 +53,17 @@ def _named_layers(model: nn.Module, names: Optional[Sequence[str]] = None) -> li
     return [(n, by_name[n]) for n in names]
 
 
-def _linear_forward(module, weight, x):
-    return F.linear(x, weight, module.bias)
-
-
-def _conv_forward(module, weight, x):
-    return nn.Conv2d._conv_forward(module, x, weight, module.bias)
-
-
 @contextmanager
 def forward_with(layers: Sequence[MaskedModule], weights: Sequence[Tensor]) -> Iterator[None]:
-    """Within the block, each sparse layer computes its dense forward (``F.linear``/conv) with the
-    given weight tensor instead of its masked forward."""
+    """Within the block, each sparse layer computes its dense forward (``F.linear``/conv/...) with
+    the given weight tensor instead of its masked forward (``layer.use_weight``)."""
     layers, weights = list(layers), list(weights)
     if len(weights) != len(layers):
         raise ValueError(f"weights: expected one tensor per layer ({len(layers)}), got {len(weights)}")
-    for m, w in zip(layers, weights):
-        m.forward = partial(_conv_forward if isinstance(m, SparseConv2d) else _linear_forward, m, w)
-    try:
+    with ExitStack() as stack:
+        for m, w in zip(layers, weights):
+            stack.enter_context(m.use_weight(w))
         yield
-    finally:
-        for m in layers:
-            del m.forward
 
 
 @contextmanager
@@ -296,6 +285,8 @@ def wanda_scores(model: nn.Module, calib_data, names: Optional[Sequence[str]] = 
     if calib_data is None:
         raise ValueError("score 'wanda' needs calib_data")
     layers = _named_layers(model, names)
+    for name, m in layers:
+        require_input_kind(name, m, "score 'wanda'")
     sums: dict = {}
     handles = [m.register_forward_pre_hook(partial(_wanda_hook, sums)) for _, m in layers]
     try:

@@ -1,0 +1,87 @@
+"""The masked dense fallback: ``W*M`` as a differentiable tensor, and the masked embedding lookup.
+
+Layers without a fused masked kernel (Conv3d, ConvTranspose, Bilinear, LSTM/GRU/RNN,
+MultiheadAttention) compute their dense torch op on ``masked_weight(W, bits)``. It is a
+``torch.where`` on the unpacked mask, so its gradient is ``where(M, dW, 0)``: **exact zeros at
+pruned positions**, even where ``dW`` is NaN or inf, which is the contract every sparse layer
+keeps. It materialises the bool mask (1 byte a weight) and ``W*M`` for the duration of the call;
+autograd keeps only the bool mask. Being plain torch around the ``unpack_mask`` custom op, it
+works under ``torch.compile``, ``torch.export``, autocast (the dense op after it casts as usual)
+and on every device ``unpack_mask`` has a kernel for.
+
+``masked_embedding`` never builds ``W*M``: it gathers the looked-up rows of the weight and of the
+packed mask, and unpacks only those (memory and time proportional to the lookup, not the table).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_engine.ops.mask_pack import packed_shape, unpack_mask, unpack_mask_ref
+
+
+def _check(weight: Tensor, mask_bits: Tensor) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(mask_bits, Tensor) or mask_bits.dtype != torch.int32:
+        raise TypeError(f"mask_bits: expected an int32 tensor (see pack_mask), got "
+                        f"{getattr(mask_bits, 'dtype', type(mask_bits).__name__)}")
+    expected = packed_shape(weight.shape)
+    if tuple(mask_bits.shape) != expected:
+        raise ValueError(f"mask_bits: expected shape {expected} for weight of shape {tuple(weight.shape)}, "
+                         f"got {tuple(mask_bits.shape)}")
+    if mask_bits.device != weight.device:
+        raise ValueError(f"mask_bits: expected a tensor on {weight.device} (the weight's device), got {mask_bits.device}")
+
+
+def masked_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
+    """``W*M`` with gradient ``where(M, dW, 0)``.
+
+    Args:
+        weight: any floating dtype, rank >= 2.
+        mask_bits: ``int32 (shape[0], ceil(numel / shape[0] / 32))`` from :func:`sparse_engine.pack_mask`.
+    Returns:
+        a tensor of the weight's shape and dtype, zero where the mask is 0.
+    """
+    _check(weight, mask_bits)
+    return torch.where(unpack_mask(mask_bits, weight.shape), weight, 0)
+
+
+def masked_weight_ref(weight: Tensor, mask_bits: Tensor) -> Tensor:
+    """Readable reference of :func:`masked_weight`: the product with the unpacked mask."""
+    return weight * unpack_mask_ref(mask_bits, weight.shape)
+
+
+def masked_embedding(indices: Tensor, weight: Tensor, mask_bits: Tensor, padding_idx: Optional[int] = None,
+                     max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                     sparse: bool = False) -> Tensor:
+    """``F.embedding(indices, W*M, ...)`` without building ``W*M``.
+
+    Args:
+        indices: integer tensor of any shape, values in ``[0, num_embeddings)``.
+        weight: ``(num_embeddings, embedding_dim)``.
+        mask_bits: ``int32 (num_embeddings, ceil(embedding_dim / 32))``.
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: as ``F.embedding``
+            (``max_norm`` renormalises the looked-up rows of ``weight`` in place, as there;
+            pruned entries are zeros and stay zeros).
+    Returns:
+        ``indices.shape + (embedding_dim,)`` in the weight's dtype. The weight's gradient is
+        ``F.embedding``'s, zero at pruned entries (a sparse COO gradient with ``sparse=True``,
+        whose pruned entries hold exact zeros).
+    """
+    _check(weight, mask_bits)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape (num_embeddings, embedding_dim), got {tuple(weight.shape)}")
+    rows = F.embedding(indices, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    flat = indices.reshape(-1)
+    kept = unpack_mask(mask_bits[flat], (flat.shape[0], weight.shape[1]))
+    return torch.where(kept.reshape(rows.shape), rows, 0)
+
+
+def masked_embedding_ref(indices: Tensor, weight: Tensor, mask_bits: Tensor, padding_idx: Optional[int] = None,
+                         max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                         sparse: bool = False) -> Tensor:
+    """Readable reference of :func:`masked_embedding`: ``F.embedding`` on ``W*M``."""
+    return F.embedding(indices, masked_weight_ref(weight, mask_bits), padding_idx, max_norm, norm_type,
+                       scale_grad_by_freq, sparse)
