@@ -36,8 +36,8 @@ from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import topk_mask
 from sparse_engine.pruning.second_order.chita_solver import (  # noqa: F401
-    CHITA_STEPS, _check_int, _check_number, _options, chita_backsolve, chita_objective, chita_solve, chita_solve_blocks,
-    chita_solve_ref)
+    CHITA_STEPS, _check_bool, _check_int, _check_number, _options, chita_backsolve, chita_objective, chita_solve,
+    chita_solve_blocks, chita_solve_ref)
 from sparse_engine.pruning.select import buffers_restored, forward_with, prunable_layers, target_kept
 
 CHITA_SCHEDULES = ("exponential", "cubic", "linear", "constant")
@@ -174,7 +174,8 @@ def _check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
-def _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step) -> None:
+def _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
+                      prune_dead) -> None:
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
     _check_int(n_grads, "n_grads", 1)
@@ -184,10 +185,11 @@ def _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_si
     _check_int(iht_iters, "iht_iters", 0)
     _check_int(grad_batch_size, "grad_batch_size", 1)
     _options(iht_iters, 1, rounds, 0.0, backsolve, step)
+    _check_bool(prune_dead, "prune_dead")
 
 
 def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size, iht_iters, grad_batch_size,
-                 rounds, backsolve, step) -> None:
+                 rounds, backsolve, step, prune_dead) -> None:
     mods = [m for _, m in layers]
     for name, m in layers:
         if not torch.isfinite(m.weight).all():
@@ -198,7 +200,8 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
     flat = [m.weight.detach().reshape(-1).float() for m in mods]
     w0 = layout.pack(flat)
     if layout.global_block:
-        w, keep = chita_solve(X[0], w0[0], k, l2, iters=iht_iters, step=step, rounds=rounds, backsolve=backsolve)
+        w, keep = chita_solve(X[0], w0[0], k, l2, iters=iht_iters, step=step, rounds=rounds, backsolve=backsolve,
+                              prune_dead=prune_dead)
         w, keep = w.unsqueeze(0), keep.unsqueeze(0)
     else:
         # Block budgets: the weights that global magnitude pruning keeps in each block.
@@ -206,7 +209,7 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
         magnitude = [unpack_mask(b, (1, p)).reshape(-1) for b, p in zip(bits, layout.numels)]
         ks = layout.pack([mk.float() for mk in magnitude]).sum(1).round().long()
         w, keep = chita_solve_blocks(X, w0, ks, l2, valid=layout.valid(X.device), iters=iht_iters, step=step,
-                                     rounds=rounds, backsolve=backsolve)
+                                     rounds=rounds, backsolve=backsolve, prune_dead=prune_dead)
     del X
     with torch.no_grad():
         for m, w_l, keep_l in zip(mods, layout.unpack(w), layout.unpack(keep)):
@@ -216,7 +219,8 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
 
 def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: int = 1000, l2: float = 1e-4,
           block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1, rounds: int = 3,
-          backsolve: bool = True, step: str = "search", exclude: Selector = None) -> SparsityReport:
+          backsolve: bool = True, step: str = "search", exclude: Selector = None,
+          prune_dead: bool = True) -> SparsityReport:
     """One-shot CHITA over the sparse layers of ``model``, in place (module docstring).
 
     Args:
@@ -239,6 +243,9 @@ def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: i
             the end of a batch are not used).
         rounds, backsolve, step: as in ``chita_solve``.
         exclude: layers to leave as they are (glob patterns, a list of them, or a callable).
+        prune_dead: weights with a zero gradient on every sample (dead units) are pruned and left
+            out of the problem, as the authors' solver does (``chita_solve``); False keeps them in
+            the problem, where they cost nothing to keep and take budget from live weights.
     Weights are replaced by the solution (regrowing pruned weights where the solve keeps them)
     and masks set to its support. Gradients are taken in eval mode; buffers are restored.
     Memory: the n x p float32 gradient matrix (p = weights of the pruned layers), plus a chunk of
@@ -246,10 +253,11 @@ def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: i
     Returns ``sparsity_report(model)``.
     """
     sparsity = _check_sparsity(sparsity)
-    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step)
+    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
+                      prune_dead)
     layers = prunable_layers(model, exclude)
     _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size, iht_iters, grad_batch_size,
-                 rounds, backsolve, step)
+                 rounds, backsolve, step, prune_dead)
     return sparsity_report(model)
 
 
@@ -285,14 +293,15 @@ def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, 
                     schedule: str = "exponential", n_grads: int = 1000, l2: float = 1e-4,
                     block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1,
                     rounds: int = 3, backsolve: bool = True, step: str = "search",
-                    exclude: Selector = None) -> SparsityReport:
+                    exclude: Selector = None, prune_dead: bool = True) -> SparsityReport:
     """CHITA++: ``stages`` CHITA solves at the sparsities of ``chita_sparsities(sparsity, stages,
     schedule, start)``, where ``start`` is the current sparsity of the pruned layers (capped at
     ``sparsity``). Each stage recomputes the gradients at the weights the previous stage left,
     so the quadratic model follows the weights. ``data`` is read once per stage: pass a list or
     a DataLoader, not a one-shot iterator. Other arguments as in ``chita``. Returns the report."""
     sparsity = _check_sparsity(sparsity)
-    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step)
+    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
+                      prune_dead)
     layers = prunable_layers(model, exclude)
     total = sum(m.weight.numel() for _, m in layers)
     current = 1.0 - sum(int(m.mask.sum()) for _, m in layers) / total
@@ -300,5 +309,5 @@ def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, 
         if target_kept(total, s) == total:
             continue  # nothing to prune at this stage
         _chita_stage(model, layers, loss_fn, data, s, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds,
-                     backsolve, step)
+                     backsolve, step, prune_dead)
     return sparsity_report(model)
