@@ -587,6 +587,28 @@ def test_chita_plus_plus_schedules(schedule):
     assert report.kept == target_kept(report.numel, 0.75)
 
 
+def test_chita_plus_plus_with_given_sparsities_is_the_loop_of_chita():
+    """A schedule given as sparsities (the authors' generate_schedule, say) runs one chita per
+    stage at exactly those sparsities; bad schedules are refused before the model is touched."""
+    sparsities = [0.1, 0.45, 0.7, 0.8]
+    model, loop = sparsify(mlp()), sparsify(mlp())
+    report = chita_plus_plus(model, F.cross_entropy, synthetic_data(), 0.8, stages=4, schedule=sparsities,
+                             n_grads=20, l2=1e-3)
+    for s in sparsities:
+        chita(loop, F.cross_entropy, synthetic_data(), s, n_grads=20, l2=1e-3)
+    assert report.kept == target_kept(report.numel, 0.8)
+    for (_, a), (_, b) in zip(sparse_modules(model), sparse_modules(loop)):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    fresh = sparsify(mlp())
+    before = [m.weight.detach().clone() for _, m in sparse_modules(fresh)]
+    for schedule, stages, match in [([0.5, 0.4, 0.8], 3, "schedule"), ([0.5, 0.7], 2, "schedule"),
+                                    ([0.5, 0.8], 3, "stages"), ([0.5, 1.2, 0.8], 3, "sparsity"),
+                                    (["a", 0.8], 2, "schedule")]:
+        with pytest.raises(ValueError, match=match):
+            chita_plus_plus(fresh, F.cross_entropy, synthetic_data(), 0.8, stages=stages, schedule=schedule)
+    assert all(torch.equal(m.weight, w) and m.mask.all() for (_, m), w in zip(sparse_modules(fresh), before))
+
+
 def test_chita_sparsities():
     T, s0, s = 5, 0.2, 0.9
     d = s - s0

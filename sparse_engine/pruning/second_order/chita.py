@@ -26,7 +26,7 @@ plus one chunk of per-sample gradients while they are computed; nothing else of 
 import math
 import numbers
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -289,23 +289,44 @@ def chita_sparsities(target: float, stages: int, schedule: str = "exponential", 
     return out
 
 
+def _explicit_schedule(sparsity: float, stages, schedule) -> Optional[list[float]]:
+    """``schedule`` given as the stages' sparsities (checked: ``stages`` of them, non-decreasing,
+    the last equal to ``sparsity`` up to 1e-9); None for a schedule's name."""
+    if isinstance(schedule, str):
+        return None
+    if not isinstance(schedule, Sequence) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                     for v in schedule):
+        raise ValueError(f"schedule: expected one of {CHITA_SCHEDULES} or a sequence of sparsities, got {schedule!r}")
+    values = [_check_sparsity(float(v)) for v in schedule]
+    stages = _check_int(stages, "stages", 1)
+    if len(values) != stages:
+        raise ValueError(f"stages: expected {len(values)} (the number of sparsities in schedule), got {stages}")
+    if any(b < a for a, b in zip(values, values[1:])) or abs(values[-1] - sparsity) > 1e-9:
+        raise ValueError(f"schedule: expected non-decreasing sparsities ending at sparsity={sparsity}, got {values}")
+    return values[:-1] + [sparsity]
+
+
 def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, stages: int = 5,
-                    schedule: str = "exponential", n_grads: int = 1000, l2: float = 1e-4,
+                    schedule: Union[str, Sequence[float]] = "exponential", n_grads: int = 1000, l2: float = 1e-4,
                     block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1,
                     rounds: int = 3, backsolve: bool = True, step: str = "search",
                     exclude: Selector = None, prune_dead: bool = True) -> SparsityReport:
     """CHITA++: ``stages`` CHITA solves at the sparsities of ``chita_sparsities(sparsity, stages,
     schedule, start)``, where ``start`` is the current sparsity of the pruned layers (capped at
-    ``sparsity``). Each stage recomputes the gradients at the weights the previous stage left,
-    so the quadratic model follows the weights. ``data`` is read once per stage: pass a list or
-    a DataLoader, not a one-shot iterator. Other arguments as in ``chita``. Returns the report."""
+    ``sparsity``), or at the sparsities given as ``schedule`` (a sequence of ``stages`` values,
+    non-decreasing, ending at ``sparsity``: another code's schedule, such as the authors'
+    ``generate_schedule`` with its first stage at ``base_level``). Each stage recomputes the
+    gradients at the weights the previous stage left, so the quadratic model follows the weights.
+    ``data`` is read once per stage: pass a list or a DataLoader, not a one-shot iterator. Other
+    arguments as in ``chita``. Returns the report."""
     sparsity = _check_sparsity(sparsity)
     _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
                       prune_dead)
+    explicit = _explicit_schedule(sparsity, stages, schedule)
     layers = prunable_layers(model, exclude)
     total = sum(m.weight.numel() for _, m in layers)
     current = 1.0 - sum(int(m.mask.sum()) for _, m in layers) / total
-    for s in chita_sparsities(sparsity, stages, schedule, min(current, sparsity)):
+    for s in explicit or chita_sparsities(sparsity, stages, schedule, min(current, sparsity)):
         if target_kept(total, s) == total:
             continue  # nothing to prune at this stage
         _chita_stage(model, layers, loss_fn, data, s, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds,
