@@ -739,3 +739,24 @@ def test_cuda_matches_cpu():
     data = [(x.cuda(), t.cuda()) for x, t in synthetic_data()]
     report = chita(model, F.cross_entropy, data, 0.8, n_grads=30)
     assert report.kept == target_kept(report.numel, 0.8)
+
+
+@pytest.mark.gpu
+def test_cuda_dead_weights_and_given_schedule():
+    """On CUDA: the live-column restriction (single problem and blocks, budget fill included) keeps
+    what the CPU keeps on these tie-free float64 problems, and CHITA++ runs a given schedule."""
+    for k in (4, 11):
+        X, w0, live = dead_unit_problem(5)
+        w, keep = chita_solve(X.cuda(), w0.cuda(), k, 0.05)
+        w_cpu, keep_cpu = chita_solve(X, w0, k, 0.05)
+        assert torch.equal(keep.cpu(), keep_cpu) and torch.allclose(w.cpu(), w_cpu, rtol=1e-9, atol=1e-12)
+    Xb = torch.stack([dead_unit_problem(60 + b)[0] for b in range(5)])
+    w0b = torch.stack([dead_unit_problem(60 + b)[1] for b in range(5)])
+    ks = torch.tensor([3, 9, 11, 0, 13])
+    wb, kb = chita_solve_blocks(Xb.cuda(), w0b.cuda(), ks.cuda(), 0.05)
+    wb_cpu, kb_cpu = chita_solve_blocks(Xb, w0b, ks, 0.05)
+    assert torch.equal(kb.cpu(), kb_cpu) and torch.allclose(wb.cpu(), wb_cpu, rtol=1e-9, atol=1e-12)
+    model = sparsify(mlp()).cuda()
+    data = [(x.cuda(), t.cuda()) for x, t in synthetic_data()]
+    report = chita_plus_plus(model, F.cross_entropy, data, 0.8, stages=3, schedule=[0.1, 0.5, 0.8], n_grads=30)
+    assert report.kept == target_kept(report.numel, 0.8)

@@ -3,6 +3,7 @@ files written by the test: every method at every sparsity, exact counts, the l2 
 validation split, and what it prints and writes. The real data set is used by
 ``make demo-second-order``."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,17 @@ def test_demo_model_and_bad_arguments(tmp_path, capsys):
     root = make_dataset(tmp_path / "data", n_train=100, n_test=10)
     with pytest.raises(SystemExit, match="fewer than"):
         main(["--data-dir", str(root), "--val-size", "50", "--n-grads", "80", "--out", str(tmp_path / "out")])
+
+
+def test_authors_comparison_needs_a_checkout(tmp_path, monkeypatch, capsys):
+    """bench/compare_chita_authors.py runs the authors' code from a checkout the user gives; it is
+    neither included nor fetched, and without it the script stops with a message saying so."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import compare_chita_authors as compare
+    with pytest.raises(SystemExit):
+        compare.main([])
+    assert "--authors: the path of a local checkout of github mazumder-lab/CHITA is required" in capsys.readouterr().err
+    (tmp_path / "pruners").mkdir()
+    (tmp_path / "pruners" / "CHITA.py").write_text("")
+    with pytest.raises(SystemExit, match="not a checkout of mazumder-lab/CHITA .missing CHITA_opt/L0_card_const.py"):
+        compare.main(["--authors", str(tmp_path), "--quick"])
