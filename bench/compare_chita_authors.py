@@ -79,7 +79,8 @@ def import_authors(path: Path) -> types.SimpleNamespace:
     """Their CHITA pruner, MultiStagePruner and generate_schedule, imported from the checkout."""
     missing = [f for f in AUTHORS_FILES if not (path / f).is_file()]
     if missing:
-        raise SystemExit(f"error: --authors {path}: not a checkout of mazumder-lab/CHITA (missing {', '.join(missing)})")
+        raise SystemExit(f"error: --authors {path}: not a checkout of mazumder-lab/CHITA "
+                         f"(missing {', '.join(missing)})")
     for module in ("numba", "sklearn"):
         try:
             __import__(module)
@@ -221,7 +222,8 @@ def stage_rows(dense, data, weights: list, sparsities: list, l2: float, times: l
         G = per_sample_gradients(with_weights(dense, weights[i]), x, y)
         rows.append(dict(stage=i + 1, sparsity=s, kept=int((weights[i + 1] != 0).sum()),
                          dead_columns=int((~G.ne(0).any(0)).sum()), seconds=times[i],
-                         objective=objective(G, weights[i + 1], weights[i], l2), **accuracies(dense, weights[i + 1], data)))
+                         objective=objective(G, weights[i + 1], weights[i], l2),
+                         **accuracies(dense, weights[i + 1], data)))
     return rows
 
 
@@ -287,8 +289,15 @@ def chita_pp(authors, dense: nn.Module, data: dict, s: float, choice_a: dict, ch
 
 # ---- report ---------------------------------------------------------------------------------------
 
+LABELS = {"authors": "authors", "ours": "ours (l2, backsolve chosen)", "ours_default": "ours (backsolve on)"}
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.2f}"
+
+
+def on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def markdown(result: dict) -> str:
@@ -305,12 +314,13 @@ def markdown(result: dict) -> str:
              f"is fairer than either figure.**", "", f"`{meta['command']}`", "",
              "## Single stage (one CHITA solve on the dense model's gradients)", "",
              "Chosen on validation (test shown for the chosen run only):", "",
-             "| sparsity | code | l2 | backsolve | kept | Q | val % | test % | solve s |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| sparsity | code | l2 | backsolve | kept | Q | val % | test % | solve s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for s in a["sparsities"]:
         for name in ("authors", "ours", "ours_default"):
             r = chosen[f"{s}"][name]
-            label = {"authors": "authors", "ours": "ours (l2, backsolve chosen)", "ours_default": "ours (backsolve on)"}[name]
-            lines.append(f"| {100 * s:g}% | {label} | {r['l2']:g} | {'on' if r['backsolve'] else 'off'} | {r['kept']} | "
+            label = LABELS[name]
+            lines.append(f"| {100 * s:g}% | {label} | {r['l2']:g} | {on_off(r['backsolve'])} | {r['kept']} | "
                          f"{r['objective']:.4g} | {pct(r['val_acc'])} | {pct(r['test_acc'])} | {r['seconds']:.1f} |")
     lines += ["", "Every l2 (Q / validation % / solve s; authors, ours backsolve on, ours backsolve off), and the "
               "support overlap of ours (on) with the authors':", "",
@@ -335,18 +345,20 @@ def markdown(result: dict) -> str:
             r = m[name]
             last = r["stages"][-1]
             lines.append(f"| {100 * m['sparsity']:g}% | {name} | {r['l2']:g} | "
-                         f"{'off' if name == 'authors' else ('on' if r['backsolve'] else 'off')} | {pct(last['test_acc'])} | "
+                         f"{on_off(name != 'authors' and r['backsolve'])} | {pct(last['test_acc'])} | "
                          f"{pct(last['val_acc'])} | {r['seconds']:.0f} |")
     for m in multi:
         lines += ["", f"Stage by stage at {100 * m['sparsity']:g}% (Q of each code on its own stage problem; "
                   "'ours on theirs': our solver on the authors' stage problem, same weights, gradients and l2, "
                   "backsolve on / off):", "",
                   "| stage | sparsity | dead cols (a / o) | Q authors | Q ours | test % authors | test % ours | "
-                  "overlap | ours on theirs: Q | val % (a / on / off) |", "|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
+                  "overlap | ours on theirs: Q | val % (a / on / off) |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
         for ra, ro in zip(m["authors"]["stages"], m["ours"]["stages"]):
             on, off = ra["ours_on_this_problem"]["backsolve"], ra["ours_on_this_problem"]["no_backsolve"]
-            lines.append(f"| {ra['stage']} | {100 * ra['sparsity']:.2f}% | {ra['dead_columns']} / {ro['dead_columns']} | "
-                         f"{ra['objective']:.4g} | {ro['objective']:.4g} | {pct(ra['test_acc'])} | {pct(ro['test_acc'])} | "
+            lines.append(f"| {ra['stage']} | {100 * ra['sparsity']:.2f}% | {ra['dead_columns']} / "
+                         f"{ro['dead_columns']} | {ra['objective']:.4g} | {ro['objective']:.4g} | "
+                         f"{pct(ra['test_acc'])} | {pct(ro['test_acc'])} | "
                          f"{100 * ro['overlap_with_authors']:.1f}% | {on['objective']:.4g} / {off['objective']:.4g} | "
                          f"{pct(ra['val_acc'])} / {pct(on['val_acc'])} / {pct(off['val_acc'])} |")
     t_a = sum(m["authors"]["seconds"] for m in multi)
@@ -427,8 +439,9 @@ def main(argv=None) -> dict:
         rows = []
         for l2 in args.l2:
             rows += single_stage(authors, dense, data, G, s, l2, args)
-            print(f"single {s:g} l2={l2:g}: " + ", ".join(f"{r['code']}{'' if r['code'] == 'authors' else '/bs' if r['backsolve'] else '/nobs'} "
-                                                         f"val {r['val_acc']:.4f} Q {r['objective']:.4g} {r['seconds']:.1f}s" for r in rows[-3:]), flush=True)
+            print(f"single {s:g} l2={l2:g}: " + ", ".join(
+                f"{r['code']} backsolve {on_off(r['backsolve'])}: val {r['val_acc']:.4f} Q {r['objective']:.4g} "
+                f"{r['seconds']:.1f}s" for r in rows[-3:]), flush=True)
         single += rows
         chosen[f"{s}"] = dict(authors=choose([r for r in rows if r["code"] == "authors"]),
                               ours=choose([r for r in rows if r["code"] == "ours"]),
