@@ -17,6 +17,11 @@ that have converged leave the batch. ``block_size=None`` (the default of ``chita
 global problem over all weights of all layers: the exact low-rank Fisher, layer budgets coming
 out of the solve.
 
+Dead weights (``prune_dead=True``, the default): weights whose gradient is zero on every sample
+(dead units; in CHITA++, units earlier stages cut off) are pruned and left out of the problem, as
+the authors' solver does: in the full problem they cost nothing to keep and take budget from live
+weights (``chita_solver``'s docstring).
+
 Gradients (``chita``) are computed in eval mode through the layers' dense forward (pruned
 weights get gradients, so CHITA may regrow them), per sample with ``torch.func.vmap(grad)``
 (``grad_batch_size=1``) or per group of ``grad_batch_size`` samples, and written straight into
