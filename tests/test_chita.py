@@ -253,6 +253,93 @@ def test_classical_step_is_monotone_and_the_paper_step_no_worse_on_average():
     assert sum(ratios) / len(ratios) <= 0.9
 
 
+def dead_unit_problem(seed, n=12, p_live=9, p_dead=4):
+    """Gaussian gradients with ``p_dead`` zero columns (weights of dead units) whose w0 are the
+    largest in magnitude (3 to 3.75 against N(0, 1)): in the full problem they are free to keep."""
+    g = torch.Generator().manual_seed(seed)
+    p = p_live + p_dead
+    X = torch.randn(n, p, generator=g, dtype=torch.float64) / math.sqrt(n)
+    w0 = torch.randn(p, generator=g, dtype=torch.float64)
+    dead = torch.randperm(p, generator=g)[:p_dead]
+    X[:, dead] = 0.0
+    w0[dead] = (3.0 + 0.25 * torch.arange(p_dead, dtype=torch.float64)) * w0[dead].sign()  # no ties
+    return X, w0, X.ne(0).any(0)
+
+
+def test_dead_weights_are_pruned_and_the_live_problem_is_solved():
+    """The authors' zero-gradient handling: no dead weight is kept, the result is the solve of the
+    problem restricted to the live columns, and on 20 instances it reaches the enumerated optimum
+    over the live columns on most (14 measured; IHT is a local method, so not on all), on some of
+    them away from magnitude's support (3 measured), and is never worse than magnitude pruning
+    among the live weights plus its backsolve. The full problem (``prune_dead=False``) keeps
+    dead weights on every instance, so it never reaches that optimum."""
+    k, l2 = 4, 0.05
+    optimal = moved = 0
+    for seed in range(20):
+        X, w0, live = dead_unit_problem(seed)
+        w, keep = chita_solve(X, w0, k, l2)
+        assert int(keep.sum()) == k and not keep[~live].any() and (w[~live] == 0).all(), seed
+        w_live, keep_live = chita_solve(X[:, live], w0[live], k, l2)
+        assert torch.equal(keep[live], keep_live), seed
+        assert torch.allclose(w[live], w_live, rtol=1e-10, atol=1e-12), seed
+        f_opt, w_opt, s_opt = exhaustive_optimum(X[:, live], w0[live], k, l2)
+        f = Q(X[:, live], w[live], w0[live], l2)
+        mk = magnitude_keep(w0[live], k)
+        f_bs = Q(X[:, live], chita_backsolve(X[:, live], w0[live], mk, l2), w0[live], l2)
+        assert f_opt * (1 - 1e-12) <= f <= f_bs * (1 + 1e-12), seed
+        if torch.equal(keep[live], s_opt):
+            assert torch.allclose(w[live], w_opt, rtol=1e-10, atol=1e-12), seed
+            optimal += 1
+            moved += not torch.equal(mk, s_opt)
+        _, keep_full = chita_solve(X, w0, k, l2, prune_dead=False)
+        assert keep_full[~live].any(), seed
+    assert optimal >= 12 and moved >= 2, (optimal, moved)
+
+
+@pytest.mark.parametrize("k", [9, 11, 13])
+def test_fewer_live_weights_than_k_fill_with_dead_ones(k):
+    """All live weights kept (their backsolve is w0 itself), the rest of the budget to the dead
+    weights of largest |w0|, kept at w0: exactly k."""
+    X, w0, live = dead_unit_problem(3)
+    w0[~live] = torch.tensor([3.0, -1.0, 2.0, -4.0], dtype=torch.float64)
+    w, keep = chita_solve(X, w0, k, 0.1)
+    assert int(keep.sum()) == k and keep[live].all()
+    dead_kept = keep & ~live
+    assert int(dead_kept.sum()) == k - 9
+    if 9 < k < 13:
+        assert w0[dead_kept].abs().min() > w0[~live & ~keep].abs().max()
+    assert torch.allclose(w[keep], w0[keep], rtol=1e-10, atol=1e-12) and (w[~keep] == 0).all()
+    w_ref, keep_ref = chita_solve_ref(X, w0, k, 0.1)
+    assert torch.equal(keep, keep_ref) and torch.allclose(w, w_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dead_weights_in_blocks_and_in_the_reference():
+    """Blocks with dead columns (and padding) solve as the single problem does, and the plain
+    torch reference runs the same restriction."""
+    B, m = 6, 13
+    probs = [dead_unit_problem(40 + b, n=(5, 12, 30)[b % 3]) for b in range(B)]
+    n = 30
+    X = torch.zeros(B, n, m, dtype=torch.float64)
+    w0 = torch.stack([p[1] for p in probs])
+    for b, (Xb, _, _) in enumerate(probs):
+        X[b, :Xb.shape[0]] = Xb  # zero rows: the same problem
+    valid = torch.ones(B, m, dtype=torch.bool)
+    valid[1, 11:] = False
+    X[1, :, 11:], w0[1, 11:] = 0.0, 0.0
+    ks = torch.tensor([4, 3, 9, 11, 0, 13])
+    w, keep = chita_solve_blocks(X, w0, ks, 0.05, valid=valid)
+    assert keep.sum(1).tolist() == ks.tolist() and not (keep & ~valid).any()
+    for b in range(B):
+        size = int(valid[b].sum())
+        w_b, keep_b = chita_solve(X[b, :, :size], w0[b, :size], int(ks[b]), 0.05)
+        assert torch.equal(keep[b, :size], keep_b), b
+        assert torch.allclose(w[b, :size], w_b, rtol=1e-9, atol=1e-12), b
+        if b != 1:
+            w_r, keep_r = chita_solve_ref(X[b], w0[b], int(ks[b]), 0.05)
+            assert torch.equal(keep[b], keep_r), b
+            assert torch.allclose(w[b], w_r, rtol=1e-8, atol=1e-10), b
+
+
 def test_weights_of_any_shape():
     X, w0 = problem(4, 6, 35)
     w, keep = chita_solve(X, w0.reshape(5, 7), 11, 0.1)
@@ -394,10 +481,11 @@ def test_chita_prunes_a_small_mlp(sparsity, block_size):
     out = model(data[0][0])
     assert out.shape == (16, 4) and torch.isfinite(out).all()
 
-    # On the quadratic model it solved (the block-diagonal one with blocks), CHITA is no worse
-    # than magnitude pruning (with or without the backsolve), and in global mode it is
-    # chita_solve on the collected gradients.
+    # On the quadratic model it solved (the block-diagonal one with blocks, restricted to the live
+    # columns: prune_dead), CHITA is no worse than magnitude pruning among the live weights (with
+    # or without the backsolve), and in global mode it is chita_solve on the collected gradients.
     X = manual_gradients(dense, data)[:30] / math.sqrt(30)
+    live = X.ne(0).any(0)
     W0 = [m.weight.detach().reshape(-1) for m in dense if isinstance(m, nn.Linear)]
     W = [m.weight.detach().reshape(-1) for _, m in sparse_modules(model)]
     w0, w = torch.cat(W0), torch.cat(W)
@@ -408,17 +496,43 @@ def test_chita_prunes_a_small_mlp(sparsity, block_size):
         starts = [sum(v.numel() for v in W0[:i]) for i in range(len(W0))]
         blocks = [slice(s + b, s + min(b + block_size, v.numel())) for s, v in zip(starts, W0)
                   for b in range(0, v.numel(), block_size)]
+    for b in blocks:  # dead weights pruned, unless the block's budget exceeds its live weights
+        assert not (w[b].ne(0) & ~live[b]).any() or int(mk[b].sum()) > int(live[b].sum())
 
-    def q(v):  # the objective solved: the sum over the blocks
-        return sum(Q(X[:, b], v[b], w0[b], 1e-3) for b in blocks)
+    def q(v):  # the objective solved: the sum over the blocks, live columns only
+        return sum(Q(X[:, b][:, live[b]], v[b][live[b]], w0[b][live[b]], 1e-3) for b in blocks)
 
-    w_mag = torch.where(mk, w0, 0.0)
-    w_bs = torch.cat([chita_backsolve(X[:, b], w0[b], mk[b], 1e-3) for b in blocks])
-    f = q(w)
-    assert f <= q(w_mag) * (1 + 1e-5) and f <= q(w_bs) * (1 + 1e-5)
+    def magnitude_live(b):  # the block's budget, capped at its live weights, given to the largest live |w0|
+        keep = torch.zeros(b.stop - b.start, dtype=torch.bool)
+        keep[torch.where(live[b], w0[b].abs(), -1.0).topk(min(int(mk[b].sum()), int(live[b].sum()))).indices] = True
+        return keep
+
+    mk_live = torch.cat([magnitude_live(b) for b in blocks])
+    w_mag = torch.where(mk_live, w0, 0.0)
+    w_bs = torch.cat([chita_backsolve(X[:, b], w0[b], mk_live[b], 1e-3) for b in blocks])
+    f, slack = q(w), 1e-12 * q(torch.zeros_like(w0))
+    assert f <= q(w_mag) * (1 + 1e-5) + slack and f <= q(w_bs) * (1 + 1e-5) + slack
     if block_size is None:
         w_ref, keep_ref = chita_solve(X, w0, report.kept, 1e-3)
-        assert f == pytest.approx(Q(X, w_ref, w0, 1e-3), rel=1e-4)
+        assert f == pytest.approx(q(w_ref), rel=1e-4, abs=slack)
+
+
+def test_chita_prunes_dead_units():
+    """A hidden unit with zero input weights is dead (ReLU(0) = 0, and so is its gradient): its
+    large output weights have no gradient on any sample. CHITA prunes them (prune_dead, the
+    default); the full problem keeps them, free in its objective, at the live weights' expense."""
+    dense = mlp()
+    with torch.no_grad():
+        dense[1].weight[4] = 0.0                    # unit 4 of the first hidden layer: dead
+        dense[3].weight[:, 4] = 2.0                 # its output weights, the largest of the model
+    data = synthetic_data()
+    fixed, full = sparsify(copy.deepcopy(dense)), sparsify(copy.deepcopy(dense))
+    chita(fixed, F.cross_entropy, data, 0.7, n_grads=30, l2=1e-3)
+    chita(full, F.cross_entropy, data, 0.7, n_grads=30, l2=1e-3, prune_dead=False)
+    assert not fixed[3].mask[:, 4].any() and (fixed[3].weight[:, 4] == 0).all()
+    assert full[3].mask[:, 4].all()
+    for model in (fixed, full):
+        assert sum(int(m.mask.sum()) for _, m in sparse_modules(model)) == target_kept(12 * 9 + 9 * 7 + 7 * 4, 0.7)
 
 
 def test_chita_block_budgets_follow_global_magnitude():
@@ -471,6 +585,28 @@ def test_chita_plus_plus_schedules(schedule):
     report = chita_plus_plus(model, F.cross_entropy, synthetic_data(), 0.75, stages=3, schedule=schedule,
                              n_grads=15, iht_iters=20)
     assert report.kept == target_kept(report.numel, 0.75)
+
+
+def test_chita_plus_plus_with_given_sparsities_is_the_loop_of_chita():
+    """A schedule given as sparsities (the authors' generate_schedule, say) runs one chita per
+    stage at exactly those sparsities; bad schedules are refused before the model is touched."""
+    sparsities = [0.1, 0.45, 0.7, 0.8]
+    model, loop = sparsify(mlp()), sparsify(mlp())
+    report = chita_plus_plus(model, F.cross_entropy, synthetic_data(), 0.8, stages=4, schedule=sparsities,
+                             n_grads=20, l2=1e-3)
+    for s in sparsities:
+        chita(loop, F.cross_entropy, synthetic_data(), s, n_grads=20, l2=1e-3)
+    assert report.kept == target_kept(report.numel, 0.8)
+    for (_, a), (_, b) in zip(sparse_modules(model), sparse_modules(loop)):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+    fresh = sparsify(mlp())
+    before = [m.weight.detach().clone() for _, m in sparse_modules(fresh)]
+    for schedule, stages, match in [([0.5, 0.4, 0.8], 3, "schedule"), ([0.5, 0.7], 2, "schedule"),
+                                    ([0.5, 0.8], 3, "stages"), ([0.5, 1.2, 0.8], 3, "sparsity"),
+                                    (["a", 0.8], 2, "schedule")]:
+        with pytest.raises(ValueError, match=match):
+            chita_plus_plus(fresh, F.cross_entropy, synthetic_data(), 0.8, stages=stages, schedule=schedule)
+    assert all(torch.equal(m.weight, w) and m.mask.all() for (_, m), w in zip(sparse_modules(fresh), before))
 
 
 def test_chita_sparsities():
@@ -538,6 +674,8 @@ def test_bad_arguments():
             chita(model, F.cross_entropy, data, 0.5, **kwargs)
     with pytest.raises(TypeError, match="loss_fn"):
         chita(model, None, data, 0.5)
+    with pytest.raises(TypeError, match="prune_dead"):
+        chita(model, F.cross_entropy, data, 0.5, prune_dead=1)
     with pytest.raises(ValueError, match="schedule"):
         chita_plus_plus(model, F.cross_entropy, data, 0.5, schedule="cosine")
     with pytest.raises(ValueError, match="stages"):
@@ -566,6 +704,8 @@ def test_bad_arguments():
         chita_backsolve(X, w0, magnitude_keep(w0, 3), 0.1, method="qr")
     with pytest.raises(ValueError, match="step"):
         chita_solve(X, w0, 3, 0.1, step="newton")
+    with pytest.raises(TypeError, match="prune_dead"):
+        chita_solve_blocks(X[None], w0[None], [3], 0.1, prune_dead="yes")
     with pytest.raises(ValueError, match="step"):
         chita(model, F.cross_entropy, data, 0.5, step="newton")
 
@@ -598,4 +738,25 @@ def test_cuda_matches_cpu():
     model = sparsify(mlp()).cuda()
     data = [(x.cuda(), t.cuda()) for x, t in synthetic_data()]
     report = chita(model, F.cross_entropy, data, 0.8, n_grads=30)
+    assert report.kept == target_kept(report.numel, 0.8)
+
+
+@pytest.mark.gpu
+def test_cuda_dead_weights_and_given_schedule():
+    """On CUDA: the live-column restriction (single problem and blocks, budget fill included) keeps
+    what the CPU keeps on these tie-free float64 problems, and CHITA++ runs a given schedule."""
+    for k in (4, 11):
+        X, w0, live = dead_unit_problem(5)
+        w, keep = chita_solve(X.cuda(), w0.cuda(), k, 0.05)
+        w_cpu, keep_cpu = chita_solve(X, w0, k, 0.05)
+        assert torch.equal(keep.cpu(), keep_cpu) and torch.allclose(w.cpu(), w_cpu, rtol=1e-9, atol=1e-12)
+    Xb = torch.stack([dead_unit_problem(60 + b)[0] for b in range(5)])
+    w0b = torch.stack([dead_unit_problem(60 + b)[1] for b in range(5)])
+    ks = torch.tensor([3, 9, 11, 0, 13])
+    wb, kb = chita_solve_blocks(Xb.cuda(), w0b.cuda(), ks.cuda(), 0.05)
+    wb_cpu, kb_cpu = chita_solve_blocks(Xb, w0b, ks, 0.05)
+    assert torch.equal(kb.cpu(), kb_cpu) and torch.allclose(wb.cpu(), wb_cpu, rtol=1e-9, atol=1e-12)
+    model = sparsify(mlp()).cuda()
+    data = [(x.cuda(), t.cuda()) for x, t in synthetic_data()]
+    report = chita_plus_plus(model, F.cross_entropy, data, 0.8, stages=3, schedule=[0.1, 0.5, 0.8], n_grads=30)
     assert report.kept == target_kept(report.numel, 0.8)

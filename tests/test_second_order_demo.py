@@ -3,6 +3,7 @@ files written by the test: every method at every sparsity, exact counts, the l2 
 validation split, and what it prints and writes. The real data set is used by
 ``make demo-second-order``."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,13 +52,15 @@ def test_demo_prunes_every_method_exactly_and_writes_results(tmp_path, capsys):
             assert r["layers"] == by["magnitude", s]["layers"]
         if r["method"] == "CHITA":
             trials = r["tuning"]
-            assert [t["l2"] for t in trials] == l2_grid
-            best = max(trials, key=lambda t: (t["val_acc"], -t["l2"]))  # ties: the smaller l2
-            assert r["l2"] == best["l2"] and r["val_acc"] == best["val_acc"]
+            assert [(t["l2"], t["backsolve"]) for t in trials] == [(l2, bs) for l2 in l2_grid for bs in (True, False)]
+            # ties: the smaller l2, then the backsolve
+            best = max(trials, key=lambda t: (t["val_acc"], -t["l2"], t["backsolve"]))
+            assert (r["l2"], r["backsolve"], r["val_acc"]) == (best["l2"], best["backsolve"], best["val_acc"])
             assert r["tuning_seconds"] == pytest.approx(sum(t["seconds"] for t in trials))
-            assert by["CHITA++", s]["l2"] == r["l2"]  # CHITA++ takes CHITA's choice
+            # CHITA++ takes CHITA's choice
+            assert (by["CHITA++", s]["l2"], by["CHITA++", s]["backsolve"]) == (r["l2"], r["backsolve"])
         elif r["method"] != "CHITA++":
-            assert r["l2"] is None
+            assert r["l2"] is None and r["backsolve"] is None
 
     # At 98% global magnitude prunes the barely trained first layer (the smallest init scale) entirely:
     # OBS global-alloc zeroes it instead of solving.
@@ -81,16 +84,17 @@ def test_demo_prunes_every_method_exactly_and_writes_results(tmp_path, capsys):
     chita_line = next(line for line in acc_lines if line.startswith("| CHITA |"))
     assert chita_line == "| CHITA | " + " | ".join(f"{100 * by['CHITA', s]['test_acc']:.2f}" for s in sparsities) + " |"
     assert "| l2 | " + " | ".join(f"{by['CHITA', s]['l2']:g}" for s in sparsities) + " |" in table
+    assert "| backsolve | " + " | ".join("on" if by["CHITA", s]["backsolve"] else "off" for s in sparsities) + " |" in table
 
 
 def test_demo_single_l2_without_validation(tmp_path):
     root = make_dataset(tmp_path / "data", n_train=200, n_test=50)
     rows = main(["--data-dir", str(root), "--epochs", "1", "--val-size", "0", "--n-grads", "32",
                  "--sparsities", "0.8", "--methods", "magnitude", "CHITA", "--l2", "1e-3", "--iht-iters", "3",
-                 "--out", str(tmp_path / "out")])
+                 "--backsolve", "off", "--out", str(tmp_path / "out")])
     assert [r["method"] for r in rows] == ["magnitude", "CHITA"]
     assert all(r["kept"] == WEIGHTS - round(0.8 * WEIGHTS) and r["val_acc"] is None for r in rows)
-    assert rows[1]["l2"] == 1e-3 and "tuning" not in rows[1]
+    assert rows[1]["l2"] == 1e-3 and rows[1]["backsolve"] is False and "tuning" not in rows[1]
 
 
 def test_demo_model_and_bad_arguments(tmp_path, capsys):
@@ -100,6 +104,7 @@ def test_demo_model_and_bad_arguments(tmp_path, capsys):
     for argv, message in [(["--sparsities", "1.0"], "--sparsities must lie in"),
                           (["--l2", "0"], "--l2 must be > 0"),
                           (["--l2", "1e-3", "1e-4", "--val-size", "0"], "needs a validation split"),
+                          (["--l2", "1e-3", "--val-size", "0"], "needs a validation split"),  # backsolve choose
                           (["--epochs", "0"], "--epochs")]:
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -109,3 +114,17 @@ def test_demo_model_and_bad_arguments(tmp_path, capsys):
     root = make_dataset(tmp_path / "data", n_train=100, n_test=10)
     with pytest.raises(SystemExit, match="fewer than"):
         main(["--data-dir", str(root), "--val-size", "50", "--n-grads", "80", "--out", str(tmp_path / "out")])
+
+
+def test_authors_comparison_needs_a_checkout(tmp_path, monkeypatch, capsys):
+    """bench/compare_chita_authors.py runs the authors' code from a checkout the user gives; it is
+    neither included nor fetched, and without it the script stops with a message saying so."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import compare_chita_authors as compare
+    with pytest.raises(SystemExit):
+        compare.main([])
+    assert "--authors: the path of a local checkout of github mazumder-lab/CHITA is required" in capsys.readouterr().err
+    (tmp_path / "pruners").mkdir()
+    (tmp_path / "pruners" / "CHITA.py").write_text("")
+    with pytest.raises(SystemExit, match="not a checkout of mazumder-lab/CHITA .missing CHITA_opt/L0_card_const.py"):
+        compare.main(["--authors", str(tmp_path), "--quick"])

@@ -17,6 +17,11 @@ that have converged leave the batch. ``block_size=None`` (the default of ``chita
 global problem over all weights of all layers: the exact low-rank Fisher, layer budgets coming
 out of the solve.
 
+Dead weights (``prune_dead=True``, the default): weights whose gradient is zero on every sample
+(dead units; in CHITA++, units earlier stages cut off) are pruned and left out of the problem, as
+the authors' solver does: in the full problem they cost nothing to keep and take budget from live
+weights (``chita_solver``'s docstring).
+
 Gradients (``chita``) are computed in eval mode through the layers' dense forward (pruned
 weights get gradients, so CHITA may regrow them), per sample with ``torch.func.vmap(grad)``
 (``grad_batch_size=1``) or per group of ``grad_batch_size`` samples, and written straight into
@@ -26,7 +31,7 @@ plus one chunk of per-sample gradients while they are computed; nothing else of 
 import math
 import numbers
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +41,8 @@ from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import topk_mask
 from sparse_engine.pruning.second_order.chita_solver import (  # noqa: F401
-    CHITA_STEPS, _check_int, _check_number, _options, chita_backsolve, chita_objective, chita_solve, chita_solve_blocks,
-    chita_solve_ref)
+    CHITA_STEPS, _check_bool, _check_int, _check_number, _options, chita_backsolve, chita_objective, chita_solve,
+    chita_solve_blocks, chita_solve_ref)
 from sparse_engine.pruning.select import buffers_restored, forward_with, prunable_layers, restores_on_error, target_kept
 
 CHITA_SCHEDULES = ("exponential", "cubic", "linear", "constant")
@@ -174,7 +179,8 @@ def _check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
-def _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step) -> None:
+def _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
+                      prune_dead) -> None:
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(outputs, targets), got {type(loss_fn).__name__}")
     _check_int(n_grads, "n_grads", 1)
@@ -184,10 +190,11 @@ def _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_si
     _check_int(iht_iters, "iht_iters", 0)
     _check_int(grad_batch_size, "grad_batch_size", 1)
     _options(iht_iters, 1, rounds, 0.0, backsolve, step)
+    _check_bool(prune_dead, "prune_dead")
 
 
 def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size, iht_iters, grad_batch_size,
-                 rounds, backsolve, step) -> None:
+                 rounds, backsolve, step, prune_dead) -> None:
     mods = [m for _, m in layers]
     for name, m in layers:
         if not torch.isfinite(m.weight).all():
@@ -198,7 +205,8 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
     flat = [m.weight.detach().reshape(-1).float() for m in mods]
     w0 = layout.pack(flat)
     if layout.global_block:
-        w, keep = chita_solve(X[0], w0[0], k, l2, iters=iht_iters, step=step, rounds=rounds, backsolve=backsolve)
+        w, keep = chita_solve(X[0], w0[0], k, l2, iters=iht_iters, step=step, rounds=rounds, backsolve=backsolve,
+                              prune_dead=prune_dead)
         w, keep = w.unsqueeze(0), keep.unsqueeze(0)
     else:
         # Block budgets: the weights that global magnitude pruning keeps in each block.
@@ -206,7 +214,7 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
         magnitude = [unpack_mask(b, (1, p)).reshape(-1) for b, p in zip(bits, layout.numels)]
         ks = layout.pack([mk.float() for mk in magnitude]).sum(1).round().long()
         w, keep = chita_solve_blocks(X, w0, ks, l2, valid=layout.valid(X.device), iters=iht_iters, step=step,
-                                     rounds=rounds, backsolve=backsolve)
+                                     rounds=rounds, backsolve=backsolve, prune_dead=prune_dead)
     del X
     with torch.no_grad():
         for m, w_l, keep_l in zip(mods, layout.unpack(w), layout.unpack(keep)):
@@ -217,7 +225,8 @@ def _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size
 @restores_on_error
 def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: int = 1000, l2: float = 1e-4,
           block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1, rounds: int = 3,
-          backsolve: bool = True, step: str = "search", exclude: Selector = None) -> SparsityReport:
+          backsolve: bool = True, step: str = "search", exclude: Selector = None,
+          prune_dead: bool = True) -> SparsityReport:
     """One-shot CHITA over the sparse layers of ``model``, in place (module docstring).
 
     Args:
@@ -240,6 +249,9 @@ def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: i
             the end of a batch are not used).
         rounds, backsolve, step: as in ``chita_solve``.
         exclude: layers to leave as they are (glob patterns, a list of them, or a callable).
+        prune_dead: weights with a zero gradient on every sample (dead units) are pruned and left
+            out of the problem, as the authors' solver does (``chita_solve``); False keeps them in
+            the problem, where they cost nothing to keep and take budget from live weights.
     Weights are replaced by the solution (regrowing pruned weights where the solve keeps them)
     and masks set to its support. Gradients are taken in eval mode; buffers are restored.
     Memory: the n x p float32 gradient matrix (p = weights of the pruned layers), plus a chunk of
@@ -247,10 +259,11 @@ def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: i
     Returns ``sparsity_report(model)``.
     """
     sparsity = _check_sparsity(sparsity)
-    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step)
+    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
+                      prune_dead)
     layers = prunable_layers(model, exclude)
     _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size, iht_iters, grad_batch_size,
-                 rounds, backsolve, step)
+                 rounds, backsolve, step, prune_dead)
     return sparsity_report(model)
 
 
@@ -282,25 +295,47 @@ def chita_sparsities(target: float, stages: int, schedule: str = "exponential", 
     return out
 
 
+def _explicit_schedule(sparsity: float, stages, schedule) -> Optional[list[float]]:
+    """``schedule`` given as the stages' sparsities (checked: ``stages`` of them, non-decreasing,
+    the last equal to ``sparsity`` up to 1e-9); None for a schedule's name."""
+    if isinstance(schedule, str):
+        return None
+    if not isinstance(schedule, Sequence) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                     for v in schedule):
+        raise ValueError(f"schedule: expected one of {CHITA_SCHEDULES} or a sequence of sparsities, got {schedule!r}")
+    values = [_check_sparsity(float(v)) for v in schedule]
+    stages = _check_int(stages, "stages", 1)
+    if len(values) != stages:
+        raise ValueError(f"stages: expected {len(values)} (the number of sparsities in schedule), got {stages}")
+    if any(b < a for a, b in zip(values, values[1:])) or abs(values[-1] - sparsity) > 1e-9:
+        raise ValueError(f"schedule: expected non-decreasing sparsities ending at sparsity={sparsity}, got {values}")
+    return values[:-1] + [sparsity]
+
+
 @restores_on_error
 def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, stages: int = 5,
-                    schedule: str = "exponential", n_grads: int = 1000, l2: float = 1e-4,
+                    schedule: Union[str, Sequence[float]] = "exponential", n_grads: int = 1000, l2: float = 1e-4,
                     block_size: Optional[int] = None, iht_iters: int = 100, *, grad_batch_size: int = 1,
                     rounds: int = 3, backsolve: bool = True, step: str = "search",
-                    exclude: Selector = None) -> SparsityReport:
+                    exclude: Selector = None, prune_dead: bool = True) -> SparsityReport:
     """CHITA++: ``stages`` CHITA solves at the sparsities of ``chita_sparsities(sparsity, stages,
     schedule, start)``, where ``start`` is the current sparsity of the pruned layers (capped at
-    ``sparsity``). Each stage recomputes the gradients at the weights the previous stage left,
-    so the quadratic model follows the weights. ``data`` is read once per stage: pass a list or
-    a DataLoader, not a one-shot iterator. Other arguments as in ``chita``. Returns the report."""
+    ``sparsity``), or at the sparsities given as ``schedule`` (a sequence of ``stages`` values,
+    non-decreasing, ending at ``sparsity``: another code's schedule, such as the authors'
+    ``generate_schedule`` with its first stage at ``base_level``). Each stage recomputes the
+    gradients at the weights the previous stage left, so the quadratic model follows the weights.
+    ``data`` is read once per stage: pass a list or a DataLoader, not a one-shot iterator. Other
+    arguments as in ``chita``. Returns the report."""
     sparsity = _check_sparsity(sparsity)
-    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step)
+    _check_chita_args(loss_fn, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds, backsolve, step,
+                      prune_dead)
+    explicit = _explicit_schedule(sparsity, stages, schedule)
     layers = prunable_layers(model, exclude)
     total = sum(m.weight.numel() for _, m in layers)
     current = 1.0 - sum(int(m.mask.sum()) for _, m in layers) / total
-    for s in chita_sparsities(sparsity, stages, schedule, min(current, sparsity)):
+    for s in explicit or chita_sparsities(sparsity, stages, schedule, min(current, sparsity)):
         if target_kept(total, s) == total:
             continue  # nothing to prune at this stage
         _chita_stage(model, layers, loss_fn, data, s, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds,
-                     backsolve, step)
+                     backsolve, step, prune_dead)
     return sparsity_report(model)

@@ -55,6 +55,19 @@ The solver (``chita_solve``; ``chita_solve_blocks`` for many blocks at once):
    kept: the result is never worse than magnitude pruning followed by its backsolve. IHT then
    restarts from the backsolved point (``rounds`` runs in all): where it finds a better support,
    that support is backsolved in turn.
+
+Dead weights (``prune_dead=True``, the default). A weight whose column of ``X`` is zero has no
+gradient on any sampled row: a dead ReLU unit's weights, or, in CHITA++, a unit that earlier
+stages cut off. Q then sees it only through its ridge term ``l2/2 (w_i - w0_i)^2``, which keeping
+it at ``w0_i`` makes zero: in the full problem a dead weight is free to keep and costs budget that
+live weights need (on a trained MLP 784-40-20-10 at 98% sparsity, 6.5% of the budget went to
+dead weights; by the last of 16 CHITA++ stages most columns are dead). As the authors' solver
+does (``Active_IHTCDLS_PP`` in mazumder-lab/CHITA), the problem is restricted to the live
+columns: dead weights are pruned and their ridge terms dropped, and the k weights are chosen
+among the live ones. When fewer than k weights are live, all live weights are kept and the
+rest of the budget goes to the dead weights of largest ``|w0|``, kept at ``w0`` (their exact
+optimum in Q; the authors' code keeps fewer than k instead): exactly k are kept either way.
+``prune_dead=False`` solves the full problem (the behaviour before this option existed).
 """
 import math
 import numbers
@@ -312,6 +325,40 @@ def _solve_batched(X, y, w0, ks, l2, valid, opts: _Options):
     return w, keep
 
 
+def _live_columns(X: Tensor) -> Tensor:
+    """(B, m) bool: the columns of X (B, n, m) with a non-zero entry, a few rows at a time (no
+    n x m temporary)."""
+    B, n, m = X.shape
+    rows = max(1, _WORKSPACE_ELEMS // max(1, 8 * B * m))
+    live = torch.zeros(B, m, dtype=torch.bool, device=X.device)
+    for i in range(0, n, rows):
+        live |= (X[:, i:i + rows] != 0).any(1)
+    return live
+
+
+def _solve(X, y, w0, ks, l2, valid, opts: _Options, prune_dead: bool):
+    """``_solve_batched``, restricted to the live columns when ``prune_dead`` (module docstring,
+    dead weights): dead columns are treated as padding (invalid, w0 zero there: no ridge term),
+    budgets are capped at the live count, and what is left of a budget is filled with the dead
+    weights of largest |w0|, kept at w0."""
+    if not prune_dead:
+        return _solve_batched(X, y, w0, ks, l2, valid, opts)
+    live = _live_columns(X)
+    if valid is not None:
+        live &= valid
+    if bool(live.all()):
+        return _solve_batched(X, y, w0, ks, l2, valid, opts)
+    ks = ks.to(live.device)
+    ks_live = torch.minimum(ks, live.sum(1))
+    w, keep = _solve_batched(X, y, torch.where(live, w0, 0.0), ks_live, l2, live, opts)
+    extra = ks - ks_live
+    if bool((extra > 0).any()):
+        dead = ~live if valid is None else valid & ~live
+        fill = _topk_rows(torch.where(dead, w0.abs(), -1.0), extra)
+        w, keep = torch.where(fill, w0, w), keep | fill
+    return w, keep
+
+
 # ----------------------------------------------------------------------------------------------
 # Public solvers
 # ----------------------------------------------------------------------------------------------
@@ -329,14 +376,19 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
 CHITA_STEPS = ("search", "lipschitz")
 
 
 def _options(iters, search_iters, rounds, tol, backsolve, step) -> _Options:
     if step not in CHITA_STEPS:
         raise ValueError(f"step: expected one of {CHITA_STEPS}, got {step!r}")
-    if not isinstance(backsolve, bool):
-        raise TypeError(f"backsolve: expected a bool, got {type(backsolve).__name__}")
+    _check_bool(backsolve, "backsolve")
     return _Options(_check_int(iters, "iters", 0), _check_int(search_iters, "search_iters", 1),
                     _check_int(rounds, "rounds", 1), _check_number(tol, "tol"), backsolve, step)
 
@@ -402,7 +454,7 @@ def chita_backsolve(X: Tensor, w0: Tensor, keep: Tensor, l2: float, *, y: Option
 
 def chita_solve(X: Tensor, w0: Tensor, k: int, l2: float, *, y: Optional[Tensor] = None, iters: int = 100,
                 step: str = "search", search_iters: int = 5, rounds: int = 3, tol: float = 1e-5,
-                backsolve: bool = True) -> tuple[Tensor, Tensor]:
+                backsolve: bool = True, prune_dead: bool = True) -> tuple[Tensor, Tensor]:
     """Solve ``min Q(w) s.t. ||w||_0 <= k`` by IHT with the paper's step sizes and a backsolve.
 
     Args:
@@ -420,10 +472,13 @@ def chita_solve(X: Tensor, w0: Tensor, k: int, l2: float, *, y: Optional[Tensor]
         tol: an IHT iteration whose decrease is at most ``tol`` times the run's starting Q
             triggers the support-changing search; if that fails too, the run stops.
         backsolve: solve exactly on the final support (else return the last IHT iterate).
+        prune_dead: restrict the problem to the live columns of X (module docstring, dead
+            weights): zero columns are pruned, unless fewer than k columns are live.
     Returns:
         ``(w, keep)``: w of w0's shape, zero outside keep, and keep, a bool tensor with exactly
         k True. ``Q(w)`` is never above magnitude pruning's ``Q(w0 * top-k(|w0|))``, nor, with
-        ``backsolve``, above the backsolve on magnitude's support.
+        ``backsolve``, above the backsolve on magnitude's support (with ``prune_dead``, in the
+        problem restricted to the live columns, magnitude pruning choosing among them).
     """
     y = _check_problem(X, w0, y, l2, batched=False)
     n, p = X.shape
@@ -431,14 +486,16 @@ def chita_solve(X: Tensor, w0: Tensor, k: int, l2: float, *, y: Optional[Tensor]
     if k > p:
         raise ValueError(f"k: expected an int in [0, {p}], got {k}")
     opts = _options(iters, search_iters, rounds, tol, backsolve, step)
+    _check_bool(prune_dead, "prune_dead")
     ks = torch.tensor([k])  # on the host: the single-problem selection reads k as an int
-    w, keep = _solve_batched(X.unsqueeze(0), y.unsqueeze(0), w0.reshape(1, p), ks, float(l2), None, opts)
+    w, keep = _solve(X.unsqueeze(0), y.unsqueeze(0), w0.reshape(1, p), ks, float(l2), None, opts, prune_dead)
     return w.reshape(w0.shape), keep.reshape(w0.shape)
 
 
 def chita_solve_blocks(X: Tensor, w0: Tensor, ks, l2: float, *, y: Optional[Tensor] = None,
                        valid: Optional[Tensor] = None, iters: int = 100, step: str = "search", search_iters: int = 5,
-                       rounds: int = 3, tol: float = 1e-5, backsolve: bool = True) -> tuple[Tensor, Tensor]:
+                       rounds: int = 3, tol: float = 1e-5, backsolve: bool = True,
+                       prune_dead: bool = True) -> tuple[Tensor, Tensor]:
     """``chita_solve`` for B independent blocks at once (the block-diagonal approximation).
 
     Args:
@@ -465,12 +522,14 @@ def chita_solve_blocks(X: Tensor, w0: Tensor, ks, l2: float, *, y: Optional[Tens
     if ((ks < 0) | (ks > sizes)).any():
         raise ValueError(f"ks: expected each block's k in [0, its number of weights], got {ks.tolist()}")
     opts = _options(iters, search_iters, rounds, tol, backsolve, step)
+    _check_bool(prune_dead, "prune_dead")
     s = min(n, m)
     chunk = max(1, _WORKSPACE_ELEMS // (n * m + s * s + 16 * m))
     ws, keeps = [], []
     for b in range(0, B, chunk):
         sl = slice(b, b + chunk)
-        w, keep = _solve_batched(X[sl], y[sl], w0[sl], ks[sl], float(l2), None if valid is None else valid[sl], opts)
+        w, keep = _solve(X[sl], y[sl], w0[sl], ks[sl], float(l2), None if valid is None else valid[sl], opts,
+                         prune_dead)
         ws.append(w)
         keeps.append(keep)
     return torch.cat(ws), torch.cat(keeps)
@@ -478,7 +537,7 @@ def chita_solve_blocks(X: Tensor, w0: Tensor, ks, l2: float, *, y: Optional[Tens
 
 def chita_solve_ref(X: Tensor, w0: Tensor, k: int, l2: float, *, y: Optional[Tensor] = None, iters: int = 100,
                     step: str = "search", search_iters: int = 5, rounds: int = 3, tol: float = 1e-5,
-                    backsolve: bool = True) -> tuple[Tensor, Tensor]:
+                    backsolve: bool = True, prune_dead: bool = True) -> tuple[Tensor, Tensor]:
     """Readable reference of ``chita_solve``: the same algorithm in plain torch on one vector
     (the benchmark's baseline). Every objective is recomputed from scratch, ``torch.topk`` does
     the thresholding (equal to topk_mask on tie-free inputs) and the support solve is the
@@ -489,6 +548,16 @@ def chita_solve_ref(X: Tensor, w0: Tensor, k: int, l2: float, *, y: Optional[Ten
     shape = w0.shape
     w0 = w0.reshape(-1)
     y = X @ w0 if y is None else y
+    live = (X != 0).any(0)
+    if prune_dead and not live.all():  # solve on the live columns; fill the budget left with dead ones
+        k_live = min(k, int(live.sum()))
+        w_live, keep_live = chita_solve_ref(X[:, live], w0[live], k_live, l2, y=y, iters=iters, step=step,
+                                            search_iters=search_iters, rounds=rounds, tol=tol, backsolve=backsolve,
+                                            prune_dead=False)
+        w, keep = torch.zeros_like(w0).masked_scatter(live, w_live), live.clone().masked_scatter(live, keep_live)
+        fill = torch.zeros_like(keep)
+        fill[torch.topk(torch.where(live, -1.0, w0.abs()), k - k_live).indices] = True
+        return torch.where(fill, w0, w).reshape(shape), (keep | fill).reshape(shape)
 
     def Q(w):
         return 0.5 * (X @ w - y).square().sum() + 0.5 * l2 * (w - w0).square().sum()
