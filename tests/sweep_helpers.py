@@ -214,3 +214,8 @@ def assert_same_results(directory: Path, reference: Path) -> None:
 def Sweep_results(directory: Path) -> list:
     from sparse_engine.sweep import SweepResults
     return SweepResults(directory).records(with_history=True)
+
+
+def die(ctx):
+    """A method whose worker process dies (as on a segfault or the OOM killer)."""
+    os._exit(3)

@@ -233,3 +233,18 @@ def test_writes_that_hit_a_size_limit_fail_cleanly_and_resume(tmp_path, referenc
     assert sqlite3.connect(directory / "index.sqlite").execute("PRAGMA integrity_check").fetchone() == ("ok",)
     h.run_here(h.tiny_sweep_text(data), directory)
     h.assert_same_results(directory, reference)
+
+
+def test_local_worker_that_dies_is_recorded_and_replaced(tmp_path, data):
+    """A worker process that dies mid-trial: its trial is recorded as failed (crashed), a new
+    worker takes the remaining trials."""
+    methods = '[methods.dies]\nname = "sweep_helpers:die"\n[methods.one-shot]\nname = "one_shot"\n'
+    text = h.tiny_sweep_text(data, methods).replace("seed = [0, 1]", "seed = [0]").replace(
+        "sparsity = [0.5, 0.8]", "sparsity = [0.5]")
+    sweep = Sweep.from_text(text, directory=tmp_path)
+    status = sweep.run(workers=1, threads=1, progress=False)
+    assert (status["done"], status["failed"]) == (2, 1)
+    dead = next(r for r in sweep.results() if r["method"] == "dies")
+    assert dead["error"] == "worker process w0 died (exit code 3)"
+    workers = {e["pid"] for e in h.events(tmp_path) if e["event"] == "started"}
+    assert len(workers) == 2  # the replacement

@@ -12,6 +12,7 @@ trials are skipped, interrupted ones resume from their checkpoints, failed ones 
 unless ``retry_failed``. It is the only process that writes the index.
 """
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -27,6 +28,7 @@ from sparse_engine.sweep.source import SweepSource
 from sparse_engine.sweep.store import Store
 
 POLL_S = 0.2
+BUSY_WAIT_S = 1.0
 
 
 class SweepError(RuntimeError):
@@ -130,17 +132,24 @@ class Sweep:
         journal = self.store.journal
         index = _Tail(index, journal)
         index.follow()
+        by_id = self.plan.by_id()
         skip = ("done",) if retry_failed else ("done", "failed")
         todo = [t for t in self.plan.trials if index.state(t.id) not in skip]
         bar = Progress(todo, index.index, progress)
-        env = WorkerEnv(str(self.directory.resolve()), checkpoint_every=run["checkpoint_every"], git_sha=git_sha())
+        env = WorkerEnv(str(self.directory.resolve()), checkpoint_every=run["checkpoint_every"], git_sha=git_sha(),
+                        coordinator=(socket.gethostname(), os.getpid()))
         store_failure = None
         pool.start(env)
         try:
             journal.append({"event": "run", "settings": pool.settings, "todo": len(todo), "pid": os.getpid()})
-            waiting, in_flight = list(todo), set()
+            waiting, in_flight, busy_until = list(todo), set(), {}
             while waiting or in_flight:
-                ready = [t for t in waiting if t.parent is None or index.state(t.parent) == "done"]
+                # A trial finished meanwhile (by a worker of a killed runner that was still
+                # writing) is not run again.
+                waiting = [t for t in waiting if index.state(t.id) != "done"]
+                now = time.monotonic()
+                ready = [t for t in waiting if (t.parent is None or index.state(t.parent) == "done")
+                         and busy_until.get(t.id, 0) <= now]
                 waiting_ids = {t.id for t in waiting}
                 blocked = [t for t in waiting if t.parent is not None and index.state(t.parent) == "failed"
                            and t.parent not in in_flight and t.parent not in waiting_ids]
@@ -158,7 +167,11 @@ class Sweep:
                         in_flight.discard(outcome["trial"])
                         if outcome.get("store_error"):
                             store_failure = outcome["error"]
-                        elif outcome.get("crashed") or outcome["state"] == "busy":
+                        elif outcome["state"] == "busy":
+                            # Still locked by a worker of a killed runner: wait for it to end.
+                            busy_until[outcome["trial"]] = time.monotonic() + BUSY_WAIT_S
+                            waiting.append(by_id[outcome["trial"]])
+                        elif outcome.get("crashed"):
                             journal.append({"event": "failed", "trial": outcome["trial"], "error": outcome["error"],
                                             "traceback": None})
                     if store_failure is not None:

@@ -21,7 +21,9 @@ runner can pass per-trial views of its batched model.
 import dataclasses
 import functools
 import os
+import socket
 import subprocess
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -44,6 +46,49 @@ class WorkerEnv:
     checkpoint_every: int = 1
     worker: str = "w0"
     git_sha: Optional[str] = None
+    coordinator: Optional[tuple] = None  # (hostname, pid) of the coordinating process
+
+
+def coordinator_gone(env: WorkerEnv) -> bool:
+    """True when the coordinator ran on this host and its process is gone (a killed runner)."""
+    if env.coordinator is None or env.coordinator[0] != socket.gethostname():
+        return False
+    try:
+        os.kill(env.coordinator[1], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def exit_if_orphaned(env: WorkerEnv) -> None:
+    """A worker whose runner was killed writes nothing more: the next runner owns the store."""
+    if coordinator_gone(env):
+        os._exit(1)
+
+
+class Watchdog:
+    """Ends this worker process within ``interval`` s of its coordinator's death, even in the middle
+    of an epoch (Ray kills a dead driver's workers only after a while; the local pool's workers
+    die at once by PR_SET_PDEATHSIG)."""
+
+    def __init__(self, env: WorkerEnv, interval: float = 0.1):
+        self.env, self.interval = env, interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="sweep-watchdog")
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.interval):
+            exit_if_orphaned(self.env)
+
+    def __enter__(self):
+        if self.env.coordinator is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,6 +117,7 @@ class TrialRecorder:
         self.store, self.spec, self.env = store, spec, env
 
     def _append(self, event: str, **fields) -> None:
+        exit_if_orphaned(self.env)
         self.store.journal.append({"event": event, "trial": self.spec.id, **fields})
 
     def checkpoint(self) -> Optional[dict]:
@@ -88,6 +134,7 @@ class TrialRecorder:
 
     def epoch_done(self, trial, metrics: dict) -> None:
         if trial.epoch % self.env.checkpoint_every == 0 or trial.epoch >= trial.epochs:
+            exit_if_orphaned(self.env)
             save_torch(trial.state_dict(), self.store.checkpoint(self.spec.id))
         self._append("epoch", epoch=trial.epoch, metrics=metrics)
 
@@ -165,4 +212,5 @@ def run_unit(unit: list, env: WorkerEnv) -> list:
     if env.device.startswith("cuda") and ":" in env.device:
         torch.cuda.set_device(torch.device(env.device))
     size = max(k for k in UNIT_RUNNERS if k <= max(len(unit), 1))
-    return UNIT_RUNNERS[size](unit, env)
+    with Watchdog(env):
+        return UNIT_RUNNERS[size](unit, env)

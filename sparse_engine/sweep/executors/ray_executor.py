@@ -12,6 +12,7 @@ cluster it must be on a file system that every node mounts (NFS and the like; th
 ``num_cpus`` CPUs (default: all), ``"auto"`` or ``"ray://host:10001"`` joins a running cluster.
 Ray is an optional dependency: ``pip install sparse_engine[ray]``.
 """
+import dataclasses
 from typing import Optional
 
 from sparse_engine.sweep.executors.base import Executor, crashed
@@ -55,8 +56,8 @@ class RayExecutor(Executor):
             self.owns_ray = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.slots = self.workers or max(1, cpus // self.threads)
-        self._env = WorkerEnv(env.directory, "cuda" if self.device.startswith("cuda") else "cpu", self.threads,
-                              env.checkpoint_every, "ray", env.git_sha)
+        self._env = dataclasses.replace(env, device="cuda" if self.device.startswith("cuda") else "cpu",
+                                        threads=self.threads, worker="ray")
         self._task = ray.remote(max_retries=0)(run_unit)
         self.settings = {"executor": self.name, "workers": self.slots, "threads": self.threads,
                          "gpus_per_trial": self.gpus, "address": self.address, "device": self.device,
