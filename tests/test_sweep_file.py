@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_engine.sweep import METHODS, Method, Sweep, SweepFileError, config_id, register_method
+from sparse_engine.sweep import METHODS, Method, Sweep, SweepFileError, config_id, pack_units, register_method
 from sparse_engine.sweep.fields import Field, integer
 from sparse_engine.sweep.source import parse_override
 
@@ -211,3 +211,17 @@ def test_example_sweep_files_are_valid():
     grid = Sweep.from_file(REPO / "examples" / "fashion_mnist_grid.toml")
     assert len({t.labels["seed"] for t in grid.trials}) >= 3
     assert all(t.config["device"] == "cuda" for t in grid.trials)
+
+
+def test_units_group_trials_that_could_be_stacked():
+    text = BASE.replace("seed = [0, 1, 2]", 'seed = [0]\n"train.batch_size" = [64, 128]')
+    prune = prune_trials(text)
+    keys = {t.group_key() for t in prune}
+    # model x batch size: method, sparsity and seed do not change the group
+    assert len(keys) == 4
+    assert pack_units(prune, free_slots=3) == [[t] for t in prune[:3]]
+    units = pack_units(prune, free_slots=2, stack=4)
+    assert [len(u) for u in units] == [4, 4] and all(len({t.group_key() for t in u}) == 1 for u in units)
+    assert units[0][0] is prune[0]
+    for u in units:  # the first ready trials of their group, in order
+        assert u == [t for t in prune if t.group_key() == u[0].group_key()][:4]

@@ -23,7 +23,8 @@ from sparse_engine.sweep.journal import StoreError
 from sparse_engine.sweep.plan import SweepPlan, plan_sweep
 from sparse_engine.sweep.progress import Progress
 from sparse_engine.sweep.results import SweepResults
-from sparse_engine.sweep.runner import WorkerEnv, git_sha
+from sparse_engine.sweep.provenance import git_sha
+from sparse_engine.sweep.runner import WorkerEnv
 from sparse_engine.sweep.source import SweepSource
 from sparse_engine.sweep.store import Store
 
@@ -93,20 +94,17 @@ class Sweep:
     def run(self, executor: Optional[str] = None, *, workers: Optional[int] = None, threads: Optional[int] = None,
             address: Optional[str] = None, gpus_per_trial: Optional[float] = None,
             ray_num_cpus: Optional[int] = None, checkpoint_every: Optional[int] = None, retry_failed: bool = False,
-            force_new: bool = False, progress: Optional[bool] = None, stack: int = 1) -> dict:
+            force_new: bool = False, progress: Optional[bool] = None) -> dict:
         """Run every trial not yet finished; returns the status (counts by state).
 
         Arguments left None take the sweep file's ``[run]`` values, then the defaults (the local
         executor; one worker on CPU, one per GPU on CUDA; the cores split between workers).
-        ``progress``: None shows the bar on a terminal only. ``stack``: trials per unit (model
-        stacking, a later issue; 1 until then).
+        ``progress``: None shows the bar on a terminal only.
         """
         run = dict(self.plan.run)
         given = dict(executor=executor, workers=workers, threads=threads, address=address,
                      gpus_per_trial=gpus_per_trial, ray_num_cpus=ray_num_cpus, checkpoint_every=checkpoint_every)
         run.update({k: v for k, v in given.items() if v is not None})
-        if stack != 1:
-            raise NotImplementedError("stack: model stacking is not implemented yet; run with stack=1")
         device = self.plan.trials[0].config["device"]
         pool = make_executor(run["executor"], device=device, workers=run["workers"], threads=run["threads"],
                              address=run["address"], gpus_per_trial=run["gpus_per_trial"],

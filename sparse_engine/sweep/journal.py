@@ -18,6 +18,8 @@ Events (all carry ``event``, ``trial`` and ``time``):
 ``declared``       the coordinator adopted a sweep file that declares this trial: ``kind``,
                    ``parent``, ``labels``, ``config``
 ``sweep``          the coordinator adopted a sweep file: ``fingerprint``, ``name``
+``run``            the coordinator started its executor: ``settings`` (executor, workers,
+                   threads per worker, device, ...), ``todo``
 =================  ============================================================================
 """
 import errno

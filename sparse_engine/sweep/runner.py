@@ -19,19 +19,17 @@ Whatever trains them, every trial is recorded through its own :class:`TrialRecor
 runner can pass per-trial views of its batched model.
 """
 import dataclasses
-import functools
 import os
 import socket
-import subprocess
 import threading
 import traceback
 import warnings
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from sparse_engine.sweep.journal import StoreError
+from sparse_engine.sweep.provenance import git_sha, library_version
 from sparse_engine.sweep.plan import TrialSpec
 from sparse_engine.sweep.store import Store, load_torch, save_torch
 from sparse_engine.sweep.trial import Trial
@@ -89,25 +87,6 @@ class Watchdog:
 
     def __exit__(self, *exc):
         self.stopped.set()
-
-
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str:
-    """Short sha of the sparse_engine checkout (``-dirty`` with changes), or ``unknown``."""
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
-
-
-def library_version() -> str:
-    from sparse_engine import __version__
-    return __version__
 
 
 class TrialRecorder:

@@ -6,7 +6,8 @@ and hands them to an executor in **units**: lists of ``TrialSpec`` that share
 holds one trial. Model stacking plugs in at two places and changes nothing else:
 
 1. the coordinator packs up to ``stack`` ready trials with equal ``group_key()`` into one unit
-   (``Sweep.run(stack=K)``; the packing is :func:`pack_units`);
+   (:func:`pack_units`, which the coordinator calls with ``stack=1`` today; model stacking adds
+   ``Sweep.run(stack=K)`` / ``--stack K`` and passes K);
 2. a worker runs a unit with ``runner.run_unit``, which picks the unit runner registered in
    ``runner.UNIT_RUNNERS`` for the unit's size: a stacked runner registered for sizes >= 2 trains
    the unit as one batched model and still records every trial through its own
