@@ -106,6 +106,7 @@ def test_ids_are_stable_and_hash_only_what_decides_results():
     explicit = BASE.replace('name = "gmp"', 'name = "gmp"\nprunes = 10\nspan = 0.75\nstart = 0')
     explicit = explicit.replace("[train]\n", '[train]\nlr_schedule = "clr"\nbatch_size = 128\n')
     explicit = explicit.replace("[data]\n", '[data]\ndir = "/somewhere/else"\n') + "[run]\nworkers = 2\n"
+    explicit = 'metrics = ["accuracy"]\n' + explicit  # what is measured at the end is not the training
     assert {t.id for t in prune_trials(explicit)} == set(base.values())
     renamed = BASE.replace("[methods.GMP]", "[methods.gradual]").replace("[models.mlp]", "[models.big]")
     assert {t.id for t in prune_trials(renamed)} == set(base.values())

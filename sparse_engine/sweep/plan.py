@@ -3,7 +3,8 @@
 A **trial** is one training run: its config is fully resolved (every default filled in, numbers in
 canonical types), and its id is a hash of that config in canonical JSON, so the same trial gets
 the same id in any sweep file that declares it, and re-running a sweep runs nothing twice.
-Presentation (labels of models and methods) and locations (``data.dir``) are not part of it.
+Presentation (labels of models and methods), locations (``data.dir``) and the final metrics are not
+part of it.
 
 Two kinds: ``pretrain`` trials train a dense parent (model, data, pretraining settings, seed,
 device), once, and ``prune`` trials start from their parent's checkpoint (or, for methods that
@@ -51,6 +52,13 @@ def canonical_json(config: Any) -> str:
 def config_id(config: Any) -> str:
     """16 hex digits of the SHA-256 of the config's canonical JSON."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def trial_id(config: dict) -> str:
+    """A trial's id: the hash of its config without ``metrics`` (what is measured at the end does
+    not change the training; a metric added later is computed for new trials, and the final
+    models in ``trials/ID/model.pt`` can be evaluated afresh)."""
+    return config_id({k: v for k, v in config.items() if k != "metrics"})
 
 
 @dataclass(frozen=True)
@@ -216,7 +224,7 @@ def _resolve_point(point: dict, data: dict, models: dict, methods: dict, top: di
             local.add(("pretrain", "epochs"), f"missing: method {point['method']!r} prunes a trained dense parent")
             return None
         pre_config = {"kind": "pretrain", **common, "pretrain": pretrain}
-        parent = TrialSpec(config_id(pre_config), "pretrain", pre_config, None,
+        parent = TrialSpec(trial_id(pre_config), "pretrain", pre_config, None,
                            {"model": point["model"], "seed": point["seed"]}, data_cfg["dir"])
     elif schedule in ("slr", "lrw"):
         local.add(path, f"lr_schedule {schedule!r} replays the parent's schedule; method {method['name']!r} has none")
@@ -225,7 +233,7 @@ def _resolve_point(point: dict, data: dict, models: dict, methods: dict, top: di
               "pretrain": pretrain if parent else None,
               "train": {**train, "lr_schedule": schedule},
               "method": {"name": method["name"], "options": method["options"]}, "sparsity": point["sparsity"]}
-    return parent, TrialSpec(config_id(config), "prune", config, parent and parent.id, labels, data_cfg["dir"])
+    return parent, TrialSpec(trial_id(config), "prune", config, parent and parent.id, labels, data_cfg["dir"])
 
 
 def plan_sweep(source: SweepSource, overrides: Optional[dict] = None) -> SweepPlan:
