@@ -71,6 +71,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--retrain-epochs", type=int, default=None, help="retraining budget in epochs (overrides)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="trials at once (default: 1 on CPU, one per GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores split "
+                   "between workers; on a machine shared with other jobs, 1 avoids OpenMP's waits for descheduled "
+                   "threads)")
     p.add_argument("--sweep", type=Path, default=SWEEP_FILE, help="the sweep file (default: examples/demo.toml)")
     p.add_argument("--out", default="runs/demo", help="the sweep directory, with results.json and "
                    "sparsity_accuracy.png")
@@ -93,7 +96,7 @@ def main(argv=None) -> list[dict]:
     except SweepFileError as e:
         raise SystemExit(f"error: {e}")
     # The demo's directory is its own: a changed command line takes it over, keeping what still fits.
-    status = sweep.run(workers=args.workers, force_new=True)
+    status = sweep.run(workers=args.workers, threads=args.threads, force_new=True)
     if status["failed"]:
         raise SystemExit(f"error: {status['failed']} trial(s) failed; see `python -m sparse_engine.sweep report "
                          f"{args.out} --failures`")
