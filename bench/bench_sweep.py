@@ -13,7 +13,7 @@ trials at several sparsities, SGD, batch 128.
               overhead per trial = (runner - bare) / trials. Full mode sizes the trials to about
               a minute each (the goal: under 5% for 1-minute trials); --quick to a few seconds.
   throughput  ``Sweep.run(workers=W)`` for W = 1, 2, 4 on the same trials (the cores split
-              between workers: ``threads = max(1, cores // W)``), trials per minute.
+              between workers: ``threads = max(1, cores // W)``, or ``--threads``), trials per minute.
 
     python bench/bench_sweep.py [--quick] [--data-dir DIR] [--out-dir DIR]
 """
@@ -97,11 +97,11 @@ def bare_loop(sweep: Sweep, threads: int) -> float:
     return time.perf_counter() - started
 
 
-def runner(sweep_text: str, scratch: Path, workers: int) -> float:
+def runner(sweep_text: str, scratch: Path, workers: int, threads) -> float:
     directory = Path(tempfile.mkdtemp(dir=scratch))
     sweep = Sweep.from_text(sweep_text, directory=directory)
     started = time.perf_counter()
-    status = sweep.run(workers=workers, progress=False)
+    status = sweep.run(workers=workers, threads=threads, progress=False)
     seconds = time.perf_counter() - started
     if status["done"] != status["trials"]:
         raise SystemExit(f"CORRECTNESS GUARD FAILED: {status}")
@@ -115,6 +115,9 @@ def parse_args(argv):
     p.add_argument("--data-dir", help="Fashion-MNIST IDX files (default: installed, else random images)")
     p.add_argument("--out-dir", type=Path, help="default: bench/results (with --quick, a temporary directory)")
     p.add_argument("--rounds", type=int, help="overhead rounds (default 3, quick 1)")
+    p.add_argument("--threads", type=int, help="torch threads of the bare loop and of each runner worker (default: "
+                   "the cores split between workers). On a shared machine 1 avoids OpenMP's waits for descheduled "
+                   "threads")
     p.add_argument("--trial-seconds", type=float, help="target length of a trial (default 60, quick: 2 epochs)")
     return p.parse_args(argv)
 
@@ -125,8 +128,9 @@ def main(argv=None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     device = torch.device("cpu")
     cores = usable_cores()
+    threads = args.threads or cores
     meta = run_metadata(device)
-    meta.update(sparse_engine=sparse_engine.__version__, quick=args.quick, cores=cores,
+    meta.update(sparse_engine=sparse_engine.__version__, quick=args.quick, cores=cores, threads=threads,
                 load_avg_1min=os.getloadavg()[0])
     try:
         directory, meta["data"] = data_dir(args.data_dir, scratch)
@@ -136,7 +140,7 @@ def main(argv=None) -> None:
         epochs = 2
         if not args.quick or args.trial_seconds:
             one = bare_loop(Sweep.from_text(text.replace("sparsity = [0.8, 0.9, 0.95]", "sparsity = [0.8]"),
-                                            directory=scratch / "x"), cores) / 2  # parent + one trial, 1 epoch
+                                            directory=scratch / "x"), threads) / 2  # parent + one trial, 1 epoch
             epochs = max(1, round((args.trial_seconds or 60.0) / one))
         text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=epochs, sparsities=sparsities)
         sweep = Sweep.from_text(text, directory=scratch / "unused")
@@ -144,8 +148,8 @@ def main(argv=None) -> None:
         print(f"{trials} trials of {epochs} epochs on {train_size} images ({meta['data']}), {cores} cores", flush=True)
         times = {"bare": [], "runner": []}
         for r in range(args.rounds or (1 if args.quick else 3)):
-            times["bare"].append(bare_loop(sweep, cores))
-            times["runner"].append(runner(text, scratch, 1))
+            times["bare"].append(bare_loop(sweep, threads))
+            times["runner"].append(runner(text, scratch, 1, args.threads))
             print(f"round {r}: bare {times['bare'][-1]:.1f} s, runner {times['runner'][-1]:.1f} s", flush=True)
         bare, run = statistics.median(times["bare"]), statistics.median(times["runner"])
         base = dict(meta, trials=trials, epochs=epochs, train_size=train_size)
@@ -153,9 +157,10 @@ def main(argv=None) -> None:
                      trial_s=statistics.median(times[m]) / trials) for m in ("bare", "runner")]
         rows[1].update(overhead_s_per_trial=(run - bare) / trials, overhead_pct=100 * (run - bare) / bare)
         for workers in (1, 2, 4):
-            seconds = runner(text, scratch, workers)
+            seconds = runner(text, scratch, workers, args.threads)
             rows.append(dict(base, section="throughput", method=f"runner workers={workers}", workers=workers,
-                             threads=max(1, cores // workers), seconds=seconds, trials_per_min=60 * trials / seconds))
+                             threads=args.threads or max(1, cores // workers), seconds=seconds,
+                             trials_per_min=60 * trials / seconds))
             print(f"workers {workers}: {seconds:.1f} s", flush=True)
         one_worker = rows[2]["seconds"]
         for r in rows[2:]:
