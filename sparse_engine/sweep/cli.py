@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a key of the file, e.g. --set train.epochs=3 (TOML values)")
     run.add_argument("--data-dir", help="directory of the data files (data.dir)")
     run.add_argument("--executor", choices=("local", "ray"))
-    run.add_argument("--workers", type=int, help="concurrent trials (default: 1 on CPU, one per GPU; 0: in this process, no pool)")
+    run.add_argument("--workers", type=int,
+                     help="concurrent trials (default: 1 on CPU, one per GPU; 0: in this process, no pool)")
     run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores split)")
     run.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 1)")
     run.add_argument("--address", help="ray: cluster address (default: start a local Ray instance)")

@@ -56,7 +56,8 @@ def report_table(records: list, metric: str = "test_accuracy", fmt: str = "markd
                              round(r["wall_s"], 3)])
         return buffer.getvalue()
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
-    lines = ["| model | method | " + " | ".join(f"{label or metric} @ {100 * s:g}%" for s in sparsities) + " | time (s) |",
+    header = " | ".join(f"{label or metric} @ {100 * s:g}%" for s in sparsities)
+    lines = ["| model | method | " + header + " | time (s) |",
              "|---|---|" + "---:|" * (len(sparsities) + 1)]
     order: dict = {}
     for r in rows:
