@@ -9,6 +9,9 @@ TORCH_VERSION ?= 2.13.0
 DEPS := triton==3.9.0 numpy==2.4.6 pybind11==3.1.0 pytest==9.2.0 tqdm==4.70.1 matplotlib==3.11.2 \
         ninja==1.13.2 setuptools==84.2.1 wheel \
         safetensors==0.8.0
+# The sweep runner's dependencies: Ray (an optional extra for users, sparse_engine[ray]; its tests run
+# on a local Ray instance) and tomli on Python 3.10 (tomllib from 3.11 on).
+SWEEP_DEPS := ray==2.60.0 "tomli==2.5.0; python_version < '3.11'"
 DATA_DIR ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
@@ -22,6 +25,7 @@ PY := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.sparse_engine-deps
 endif
 BUILD_STAMP := $(dir $(ENV_STAMP)).sparse_engine-build
+SWEEP_STAMP := $(dir $(ENV_STAMP)).sparse_engine-sweep-deps
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup test test-models demo demo-second-order bench data clean
@@ -36,11 +40,15 @@ endif
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
 
+$(SWEEP_STAMP): $(ENV_STAMP)
+	$(PY) -m pip install -q $(SWEEP_DEPS)
+	touch $@
+
 $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-test: setup
+test: setup $(SWEEP_STAMP)
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 	  $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
@@ -73,6 +81,7 @@ bench: setup
 	$(PY) bench/bench_topk_mask.py $(BENCH_ARGS)
 	$(PY) bench/bench_pruning_step.py $(BENCH_ARGS)
 	$(PY) bench/bench_block_solve.py $(BENCH_ARGS)
+	$(PY) bench/bench_sweep.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build build-cmake *.egg-info sparse_engine/_C*.so $(BUILD_STAMP)

@@ -95,6 +95,11 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors>=0.4",
+        "tomli>=2.0; python_version < '3.11'",  # sweep files (tomllib from Python 3.11 on)
     ],
+    # `pip install sparse_engine[ray]`: the sweep runner's ray executor (make test installs the pinned
+    # version the tests use, Makefile SWEEP_DEPS).
+    extras_require={"ray": ["ray>=2.60,<3"]},
+    entry_points={"console_scripts": ["sparse-engine = sparse_engine.sweep.cli:main"]},
     zip_safe=False,
 )

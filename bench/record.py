@@ -9,7 +9,6 @@ import datetime
 import json
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,19 +16,14 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from sparse_engine.sweep import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def git_sha() -> str:
     """Short sha of HEAD, with ``-dirty`` when the work tree has changes; ``unknown`` outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty else sha
+    return provenance.git_sha(REPO)
 
 
 def device_name(device: torch.device) -> str:

@@ -66,7 +66,7 @@ def test_demo_runs_every_method_and_prunes_exactly(tmp_path, capsys):
     root = make_dataset(tmp_path / "data", n_train=512, n_test=128)
     out = tmp_path / "out"
     rows = main(["--data-dir", str(root), "--train-size", "512", "--epochs", "1", "--retrain-epochs", "1",
-                 "--sparsities", "0.5", "0.9", "--out", str(out)])
+                 "--sparsities", "0.5", "0.9", "--out", str(out), "--threads", "1"])
     assert {(r["model"], r["method"]) for r in rows} == {(m, x) for m in ("mlp", "cnn")
                                                           for x in ("dense",) + METHODS}
     n = {"mlp": 784 * 300 + 300 * 100 + 100 * 10, "cnn": 8 * 9 + 16 * 8 * 9 + 16 * 49 * 64 + 64 * 10}

@@ -1,0 +1,205 @@
+"""Benchmark of the sweep runner: its overhead per trial, and throughput with 1, 2 and 4 workers.
+
+Workload: the demo's MLP (784-300-100-10) on Fashion-MNIST (the real images when installed, else
+random images of the same shape: the cost is the same), one dense parent and one-shot pruning
+trials at several sparsities, SGD, batch 128.
+
+  overhead    the same trials two ways, interleaved over rounds (medians reported):
+              bare    what users write today: one process, a plain loop that trains the parent,
+                      then each trial (``sparse_engine.sweep.Trial``: build, epochs, evaluate),
+                      with no store, checkpoints, journal or worker processes;
+              runner  ``Sweep.run(workers=1)``: a worker process, an epoch checkpoint, journal
+                      events, the SQL index, the final model saved, the parent read from disk.
+              overhead per trial = (runner - bare) / trials. Full mode sizes the trials to about
+              a minute each (the goal: under 5% for 1-minute trials); --quick to a few seconds.
+  throughput  ``Sweep.run(workers=W)`` for W = 1, 2, 4 on the same trials (the cores split
+              between workers: ``threads = max(1, cores // W)``, or ``--threads``), trials per minute.
+
+    python bench/bench_sweep.py [--quick] [--data-dir DIR] [--out-dir DIR]
+"""
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import command_line, device_slug, markdown_table, results_dir, run_metadata, write_results  # noqa: E402
+
+import sparse_engine  # noqa: E402
+from sparse_engine.sweep import Sweep, Trial  # noqa: E402
+from sparse_engine.sweep.executors.base import usable_cores  # noqa: E402
+
+BENCH = "sweep"
+SWEEP = """
+name = "bench"
+[data]
+name = "fashion_mnist"
+dir = "{data_dir}"
+train_size = {train_size}
+[pretrain]
+epochs = {epochs}
+[train]
+epochs = {epochs}
+bn_recalibration = false
+[models.mlp]
+name = "fashion_mlp"
+[methods.one-shot]
+name = "one_shot"
+[grid]
+sparsity = {sparsities}
+"""
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), compresslevel=1))
+
+
+def data_dir(given, scratch: Path) -> tuple[str, str]:
+    """(directory, what it holds): ``given``, else Fashion-MNIST if installed, else random images."""
+    from sparse_engine.data.fashion_mnist import resolve_data_dir
+    try:
+        return str(resolve_data_dir(given)), "Fashion-MNIST"
+    except FileNotFoundError:
+        if given is not None:
+            raise
+    rng = np.random.default_rng(0)
+    root = scratch / "random-images"
+    root.mkdir()
+    for split, n in (("train", 60_000), ("t10k", 10_000)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return str(root), "random images of Fashion-MNIST's shape"
+
+
+def bare_loop(sweep: Sweep, threads: int) -> float:
+    """Seconds for the trials in one process, no store: what a hand-written loop does."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    parents = {}
+    for spec in sweep.trials:  # parents first
+        trial = Trial(spec, "cpu", parents.get(spec.parent))
+        while not trial.finished:
+            trial.train_epoch()
+        trial.result()
+        if spec.kind == "pretrain":
+            parents[spec.id] = trial.final_state()
+    torch.set_num_threads(saved)
+    return time.perf_counter() - started
+
+
+def runner(sweep_text: str, scratch: Path, workers: int, threads) -> float:
+    directory = Path(tempfile.mkdtemp(dir=scratch))
+    sweep = Sweep.from_text(sweep_text, directory=directory)
+    started = time.perf_counter()
+    status = sweep.run(workers=workers, threads=threads, progress=False)
+    seconds = time.perf_counter() - started
+    if status["done"] != status["trials"]:
+        raise SystemExit(f"CORRECTNESS GUARD FAILED: {status}")
+    shutil.rmtree(directory)
+    return seconds
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="trials of a few seconds, one round: the smoke test")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX files (default: installed, else random images)")
+    p.add_argument("--out-dir", type=Path, help="default: bench/results (with --quick, a temporary directory)")
+    p.add_argument("--rounds", type=int, help="overhead rounds (default 3, quick 1)")
+    p.add_argument("--threads", type=int, help="torch threads of the bare loop and of each runner worker (default: "
+                   "the cores split between workers). On a shared machine 1 avoids OpenMP's waits for descheduled "
+                   "threads")
+    p.add_argument("--trial-seconds", type=float, help="target length of a trial (default 60, quick: 2 epochs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out_dir = results_dir(args.out_dir, args.quick, BENCH)
+    scratch = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    device = torch.device("cpu")
+    cores = usable_cores()
+    threads = args.threads or cores
+    meta = run_metadata(device)
+    meta.update(sparse_engine=sparse_engine.__version__, quick=args.quick, cores=cores, threads=threads,
+                load_avg_1min=os.getloadavg()[0])
+    try:
+        directory, meta["data"] = data_dir(args.data_dir, scratch)
+        train_size = 2048 if args.quick else 20_000
+        sparsities = [0.5, 0.9] if args.quick else [0.8, 0.9, 0.95]
+        text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=1, sparsities=sparsities)
+        epochs = 2
+        if not args.quick or args.trial_seconds:
+            one = bare_loop(Sweep.from_text(text.replace("sparsity = [0.8, 0.9, 0.95]", "sparsity = [0.8]"),
+                                            directory=scratch / "x"), threads) / 2  # parent + one trial, 1 epoch
+            epochs = max(1, round((args.trial_seconds or 60.0) / one))
+        text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=epochs, sparsities=sparsities)
+        sweep = Sweep.from_text(text, directory=scratch / "unused")
+        trials = len(sweep.trials)
+        print(f"{trials} trials of {epochs} epochs on {train_size} images ({meta['data']}), {cores} cores", flush=True)
+        times = {"bare": [], "runner": []}
+        for r in range(args.rounds or (1 if args.quick else 3)):
+            times["bare"].append(bare_loop(sweep, threads))
+            times["runner"].append(runner(text, scratch, 1, args.threads))
+            print(f"round {r}: bare {times['bare'][-1]:.1f} s, runner {times['runner'][-1]:.1f} s", flush=True)
+        bare, run = statistics.median(times["bare"]), statistics.median(times["runner"])
+        base = dict(meta, trials=trials, epochs=epochs, train_size=train_size)
+        rows = [dict(base, section="overhead", method=m, seconds=statistics.median(times[m]), all_seconds=times[m],
+                     trial_s=statistics.median(times[m]) / trials) for m in ("bare", "runner")]
+        rows[1].update(overhead_s_per_trial=(run - bare) / trials, overhead_pct=100 * (run - bare) / bare)
+        for workers in (1, 2, 4):
+            seconds = runner(text, scratch, workers, args.threads)
+            rows.append(dict(base, section="throughput", method=f"runner workers={workers}", workers=workers,
+                             threads=args.threads or max(1, cores // workers), seconds=seconds,
+                             trials_per_min=60 * trials / seconds))
+            print(f"workers {workers}: {seconds:.1f} s", flush=True)
+        one_worker = rows[2]["seconds"]
+        for r in rows[2:]:
+            r["speedup_vs_1_worker"] = one_worker / r["seconds"]
+        meta["load_avg_1min_end"] = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_results(out_dir, f"{BENCH}_{device_slug(device)}", rows, markdown(rows, meta, command_line("bench_sweep.py",
+                                                                                                     argv)))
+
+
+def markdown(rows, meta, command) -> str:
+    overhead = [r for r in rows if r["section"] == "overhead"]
+    trial_s = overhead[0]["trial_s"]
+    pct = overhead[1]["overhead_pct"]
+    if meta["quick"] or trial_s < 30:
+        target = (f"n/a: {'--quick, ' if meta['quick'] else ''}trials of {trial_s:.1f} s here (the goal is for "
+                  f"1-minute trials); overhead {pct:.1f}%")
+    else:
+        target = f"{'met' if pct < 5 else 'NOT met'}: {pct:.1f}% on trials of {trial_s:.0f} s (goal: under 5%)"
+    lines = [f"# bench_sweep ({meta['device']}, {meta['cores']} cores, torch {meta['torch']}, {meta['git_sha']}, "
+             f"{meta['date']})", "", f"`{command}`; data: {meta['data']}; load average {meta['load_avg_1min']:.1f} at "
+             f"the start, {meta['load_avg_1min_end']:.1f} at the end.", "",
+             markdown_table(overhead, [("what", lambda r: r["method"]), ("trials", lambda r: str(r["trials"])),
+                                       ("epochs", lambda r: str(r["epochs"])),
+                                       ("total (s)", lambda r: f"{r['seconds']:.2f}"),
+                                       ("per trial (s)", lambda r: f"{r['trial_s']:.2f}"),
+                                       ("overhead / trial (s)", lambda r: f"{r['overhead_s_per_trial']:.2f}"
+                                        if "overhead_s_per_trial" in r else None),
+                                       ("overhead", lambda r: f"{r['overhead_pct']:.1f}%" if "overhead_pct" in r
+                                        else None)]), "",
+             markdown_table([r for r in rows if r["section"] == "throughput"],
+                            [("workers", lambda r: str(r["workers"])), ("threads each", lambda r: str(r["threads"])),
+                             ("total (s)", lambda r: f"{r['seconds']:.2f}"),
+                             ("trials / min", lambda r: f"{r['trials_per_min']:.2f}"),
+                             ("vs 1 worker", lambda r: f"{r['speedup_vs_1_worker']:.2f}x")]),
+             "", "## Targets", "", f"- runner overhead: {target}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

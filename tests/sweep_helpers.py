@@ -1,0 +1,221 @@
+"""Shared by tests/test_sweep*.py: a tiny sweep on small IDX files, user methods that fail or run
+slowly (named in sweep files as ``sweep_helpers:...``), an uninterrupted baseline run, and the
+kill -9 / resume driver."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_engine.pruning import GMP
+from sparse_engine.sweep import Sweep
+from sparse_engine.sweep.methods import METHODS
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+TINY = """
+name = "tiny"
+device = "cpu"
+metrics = ["accuracy", "loss"]
+[data]
+name = "fashion_mnist"
+dir = "{data_dir}"
+train_size = 384
+[pretrain]
+epochs = 2
+batch_size = 64
+optimizer = {{ name = "sgd", lr = 0.05 }}
+[train]
+epochs = 3
+batch_size = 64
+eval_every = 1
+[models.mlp]
+name = "second_order_mlp"
+{methods}
+[grid]
+sparsity = [0.5, 0.8]
+seed = [0, 1]
+"""
+TWO_METHODS = """
+[methods.one-shot]
+name = "one_shot"
+[methods.GMP]
+name = "gmp"
+prunes = 4
+"""
+SLOW_METHOD = """
+[methods.slow-GMP]
+name = "sweep_helpers:slow_gmp"
+delay = 0.03
+"""
+
+
+def tiny_sweep_text(data_dir: Path, methods: str = TWO_METHODS) -> str:
+    return TINY.format(data_dir=data_dir, methods=methods)
+
+
+def data_dir(tmp_path_factory) -> Path:
+    """Small Fashion-MNIST-shaped IDX files, made once per session."""
+    from test_data_and_demo import make_dataset
+    root = tmp_path_factory.getbasetemp() / "sweep-data"
+    if not (root / "t10k-labels-idx1-ubyte.gz").exists():
+        make_dataset(root, n_train=512, n_test=128)
+    return root
+
+
+class SlowPruner:
+    """A pruner that sleeps at every step (to give a kill time to land mid-trial)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def step(self):
+        time.sleep(self.delay)
+        return self.inner.step()
+
+    def on_epoch_end(self):
+        return self.inner.on_epoch_end()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def slow_gmp(ctx, delay=0.03):
+    """GMP with the registry's default options, sleeping ``delay`` s a step."""
+    defaults = {k: f.default for k, f in METHODS["gmp"].options.items()}
+    return SlowPruner(METHODS["gmp"].build(ctx, **defaults), delay)
+
+
+def explode(ctx, when="build"):
+    """A method that raises when built, or at the first step."""
+    if when == "build":
+        raise RuntimeError("boom at build")
+    pruner = GMP(ctx.model, ctx.optimizer, ctx.sparsity, 0, 1, 1)
+
+    class Exploding:
+        def step(self):
+            raise FloatingPointError("boom at step")
+
+        on_epoch_end = pruner.on_epoch_end
+        state_dict = pruner.state_dict
+        load_state_dict = pruner.load_state_dict
+    return Exploding()
+
+
+def env_with_tests_path() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_here(text: str, directory: Path, **options) -> dict:
+    """Run a sweep in this process (``workers=0``), one thread."""
+    return Sweep.from_text(text, directory=directory).run(workers=0, threads=1, progress=False, **options)
+
+
+def baseline(tmp_path_factory, text: str, name: str) -> Path:
+    """The directory of an uninterrupted run of ``text`` (in this process, one thread), made once
+    per session and shared by the test modules."""
+    directory = tmp_path_factory.getbasetemp() / f"sweep-baseline-{name}"
+    if not (directory / "done").exists():
+        run_here(text, directory)
+        (directory / "done").write_text("")
+    return directory
+
+
+def events(directory: Path, tolerant: bool = False) -> list:
+    out = []
+    for line in (directory / "journal.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if not tolerant and line.strip():
+                raise
+    return out
+
+
+def start_run(sweep_file: Path, directory: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sparse_engine.sweep", "run", str(sweep_file), "--dir",
+                             str(directory), "--quiet", *extra], cwd=REPO, env=env_with_tests_path(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(proc: subprocess.Popen, directory: Path, condition, timeout: float = 180) -> list:
+    """``kill -9`` the runner as soon as ``condition(events)`` holds; returns the events then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        journal = directory / "journal.jsonl"
+        if journal.exists():
+            seen = [json.loads(line) for line in journal.read_text().splitlines()
+                    if line.strip() and line.endswith("}")]
+            if condition(seen):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                return seen
+        if proc.poll() is not None:
+            raise AssertionError(f"the runner ended before the kill point:\n{proc.stdout.read()}")
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the kill point was not reached in time")
+
+
+def mid_trial_ids(seen: list, kind: str) -> list:
+    """Trials of ``kind`` with an epoch checkpoint that have not finished."""
+    kinds = {e["trial"]: e["kind"] for e in seen if e["event"] == "declared"}
+    finished = {e["trial"] for e in seen if e["event"] in ("finished", "failed")}
+    return [e["trial"] for e in seen if e["event"] == "epoch" and kinds.get(e["trial"]) == kind
+            and e["trial"] not in finished]
+
+
+def mid_trial(kind: str):
+    """Condition for :func:`kill_when`: a trial of ``kind`` is between two epochs."""
+    return lambda seen: bool(mid_trial_ids(seen, kind))
+
+
+def assert_processes_gone(pids, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    for pid in pids:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            if time.time() > deadline:
+                raise AssertionError(f"worker process {pid} outlived its killed runner")
+            time.sleep(0.05)
+
+
+def assert_same_results(directory: Path, reference: Path) -> None:
+    """Every trial finished exactly once, with the reference run's metrics, per-epoch history
+    and final weights (bit for bit)."""
+    got = {r["id"]: r for r in Sweep_results(directory)}
+    want = {r["id"]: r for r in Sweep_results(reference)}
+    assert set(got) == set(want)
+    finished = [e["trial"] for e in events(directory) if e["event"] == "finished"]
+    assert sorted(finished) == sorted(set(finished)) == sorted(want), "a trial finished twice or never"
+    for trial, r in want.items():
+        assert got[trial]["state"] == "done", got[trial]["error"]
+        assert got[trial]["metrics"] == r["metrics"], trial
+        assert got[trial]["layers"] == r["layers"], trial
+        assert got[trial]["history"] == r["history"], trial
+        mine = torch.load(directory / "trials" / trial / "model.pt", weights_only=True)["model"]
+        theirs = torch.load(reference / "trials" / trial / "model.pt", weights_only=True)["model"]
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), trial
+
+
+def Sweep_results(directory: Path) -> list:
+    from sparse_engine.sweep import SweepResults
+    return SweepResults(directory).records(with_history=True)
+
+
+def die(ctx):
+    """A method whose worker process dies (as on a segfault or the OOM killer)."""
+    os._exit(3)
