@@ -10,6 +10,10 @@ from sparse_engine.pruning.methods.pruners import FGGP, GMP, Cyclical, OneShot
 from sparse_engine.pruning.methods.schedules import (RAMPS, cubic_sparsity, cycle_index, cycle_start,
                                                      cyclical_sparsity, imp_phase_rate, imp_phase_sparsities,
                                                      one_shot_sparsity)
+# Pruning at initialisation, lottery tickets, dynamic sparse training (issue 12).
+from sparse_engine.pruning.methods.drop_grow import (drop_and_grow_, drop_and_grow_masks, drop_and_grow_masks_ref,
+                                                     drop_counts)
+from sparse_engine.pruning.methods.dst import DECAYS, SET, DynamicSparse, RigL, drop_fraction_at
 
 __all__ = [
     "Pruner", "OneShot", "IMP", "GMP", "FGGP", "Cyclical", "regrowth_scores", "recalibrate_bn",
@@ -17,4 +21,7 @@ __all__ = [
     "cycle_start", "cycle_index", "RAMPS",
     "retrain_lr_schedule", "RETRAIN_SCHEDULES", "RetrainSchedule", "FTSchedule", "LRWSchedule", "SLRSchedule",
     "CLRSchedule", "LLRSchedule", "ALLRSchedule", "relative_norm_drop", "allr_initial_lr",
+    # pruning at initialisation, lottery tickets, dynamic sparse training
+    "SET", "RigL", "DynamicSparse", "DECAYS", "drop_fraction_at",
+    "drop_and_grow_", "drop_and_grow_masks", "drop_and_grow_masks_ref", "drop_counts",
 ]
