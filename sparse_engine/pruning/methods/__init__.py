@@ -14,6 +14,9 @@ from sparse_engine.pruning.methods.schedules import (RAMPS, cubic_sparsity, cycl
 from sparse_engine.pruning.methods.drop_grow import (drop_and_grow_, drop_and_grow_masks, drop_and_grow_masks_ref,
                                                      drop_counts)
 from sparse_engine.pruning.methods.dst import DECAYS, SET, DynamicSparse, RigL, drop_fraction_at
+from sparse_engine.pruning.methods.pai import (LayerCollapseWarning, PruneAtInit, collapsed_layers, shuffled_mask,
+                                               warn_layer_collapse)
+from sparse_engine.pruning.methods.reinit import reinitialize_
 
 __all__ = [
     "Pruner", "OneShot", "IMP", "GMP", "FGGP", "Cyclical", "regrowth_scores", "recalibrate_bn",
@@ -22,6 +25,8 @@ __all__ = [
     "retrain_lr_schedule", "RETRAIN_SCHEDULES", "RetrainSchedule", "FTSchedule", "LRWSchedule", "SLRSchedule",
     "CLRSchedule", "LLRSchedule", "ALLRSchedule", "relative_norm_drop", "allr_initial_lr",
     # pruning at initialisation, lottery tickets, dynamic sparse training
+    "PruneAtInit", "LayerCollapseWarning", "collapsed_layers", "warn_layer_collapse", "shuffled_mask",
+    "reinitialize_",
     "SET", "RigL", "DynamicSparse", "DECAYS", "drop_fraction_at",
     "drop_and_grow_", "drop_and_grow_masks", "drop_and_grow_masks_ref", "drop_counts",
 ]
