@@ -14,6 +14,7 @@ from sparse_engine.pruning.methods.schedules import (RAMPS, cubic_sparsity, cycl
 from sparse_engine.pruning.methods.drop_grow import (drop_and_grow_, drop_and_grow_masks, drop_and_grow_masks_ref,
                                                      drop_counts)
 from sparse_engine.pruning.methods.dst import DECAYS, SET, DynamicSparse, RigL, drop_fraction_at
+from sparse_engine.pruning.methods.lottery import load_ticket, make_ticket, snapshot
 from sparse_engine.pruning.methods.pai import (LayerCollapseWarning, PruneAtInit, collapsed_layers, shuffled_mask,
                                                warn_layer_collapse)
 from sparse_engine.pruning.methods.reinit import reinitialize_
@@ -26,7 +27,7 @@ __all__ = [
     "CLRSchedule", "LLRSchedule", "ALLRSchedule", "relative_norm_drop", "allr_initial_lr",
     # pruning at initialisation, lottery tickets, dynamic sparse training
     "PruneAtInit", "LayerCollapseWarning", "collapsed_layers", "warn_layer_collapse", "shuffled_mask",
-    "reinitialize_",
+    "reinitialize_", "snapshot", "make_ticket", "load_ticket",
     "SET", "RigL", "DynamicSparse", "DECAYS", "drop_fraction_at",
     "drop_and_grow_", "drop_and_grow_masks", "drop_and_grow_masks_ref", "drop_counts",
 ]
