@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from sparse_engine import mask_optimizer, sparsify, sparsity_report
 from sparse_engine.data import load_fashion_mnist
+from sparse_engine.eval import compare_models, model_metrics
 from sparse_engine.models import fashion_cnn, fashion_mlp
 from sparse_engine.pruning import FGGP, GMP, IMP, Cyclical, OneShot, retrain_lr_schedule
 from sparse_engine.train import evaluate, train_epoch
@@ -101,8 +102,11 @@ def run_method(method, dense, sparsity, data, budget_epochs, steps, orig_lrs, ar
                     progress=bar, on_step=pruner.step)
         pruner.on_epoch_end()
     report = sparsity_report(model)
-    return dict(sparsity=report.sparsity, target=sparsity, acc=evaluate(model, x_test, y_test, device=args.device),
-                seconds=time.perf_counter() - t0, first_prune_s=prune_s)
+    row = dict(sparsity=report.sparsity, target=sparsity, acc=evaluate(model, x_test, y_test, device=args.device),
+               seconds=time.perf_counter() - t0, first_prune_s=prune_s)
+    if args.beyond_accuracy:  # agreement, calibration, noise and corruptions against the dense parent
+        row.update(compare_models(model, dense, x_test, y_test, device=args.device))
+    return row
 
 
 def plot(rows, path: Path):
@@ -142,6 +146,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=None, help="dense training epochs (overrides the budget's)")
     p.add_argument("--retrain-epochs", type=int, default=None, help="retraining budget in epochs (overrides)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beyond-accuracy", action="store_true", help="also store sparse_engine.eval's metrics "
+                   "(agreement with the dense model, calibration, accuracy under noise and corruptions) in results.json")
     p.add_argument("--out", default="runs/demo", help="directory for results.json and sparsity_accuracy.png")
     args = p.parse_args(argv)
     n_train, epochs, retrain = BUDGETS["full" if args.full else "default"]
@@ -182,7 +188,9 @@ def main(argv=None) -> list[dict]:
                             progress=bar)
             rows.append(dict(model=name, method="dense", target=0.0, sparsity=0.0,
                              acc=evaluate(dense, x_test, y_test, device=args.device),
-                             seconds=time.perf_counter() - t0, first_prune_s=0.0))
+                             seconds=time.perf_counter() - t0, first_prune_s=0.0,
+                             **(model_metrics(dense, x_test, y_test, device=args.device)
+                                if args.beyond_accuracy else {})))
             for s in args.sparsities:
                 for method in args.methods:
                     bar.set_description(f"{name}: {method} at {s:.0%}")

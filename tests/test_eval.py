@@ -224,3 +224,21 @@ def test_compare_errors():
             compare_models(dense, dense, args.pop("x"), args.pop("y"), **args)
     with pytest.raises(TypeError, match="dense: expected an nn.Module"):
         compare_models(dense, "dense", x, y)
+
+
+def test_demo_stores_the_metrics_beside_accuracy(tmp_path):
+    import json
+
+    from sparse_engine.demo import main
+    from test_data_and_demo import make_dataset
+
+    root = make_dataset(tmp_path / "data", n_train=256, n_test=64)
+    rows = main(["--data-dir", str(root), "--train-size", "256", "--epochs", "1", "--retrain-epochs", "1",
+                 "--models", "mlp", "--methods", "one-shot", "--sparsities", "0.9", "--beyond-accuracy",
+                 "--out", str(tmp_path / "out")])
+    dense, pruned = rows
+    assert dense["accuracy"] == pytest.approx(dense["acc"]) and "agreement" not in dense
+    assert pruned["accuracy"] == pytest.approx(pruned["acc"])
+    assert pruned["dense_accuracy"] == pytest.approx(dense["acc"]) and pruned["dense_ece"] == dense["ece"]
+    assert 0.0 <= pruned["agreement"] <= 1.0 and "contrast_s5_agreement" in pruned and "noise0.7_acc" in pruned
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == rows

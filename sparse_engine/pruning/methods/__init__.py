@@ -1,5 +1,6 @@
-"""Pruning methods: pruners that change masks during training, their sparsity schedules, retraining
-LR schedules and BatchNorm recalibration."""
+"""Pruning methods: pruners that change masks during training (after training, at initialisation,
+lottery tickets, dynamic sparse training), their sparsity schedules, retraining LR schedules and
+BatchNorm recalibration."""
 from sparse_engine.pruning.methods.bn_recalibration import recalibrate_bn
 from sparse_engine.pruning.methods.imp import IMP
 from sparse_engine.pruning.methods.lr_schedules import (RETRAIN_SCHEDULES, ALLRSchedule, CLRSchedule, FTSchedule,
