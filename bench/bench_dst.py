@@ -31,7 +31,6 @@ table rewritten to <out-dir>/dst_<device>.md.
 """
 import argparse
 import os
-import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -42,7 +41,7 @@ from torch import nn
 
 from record import (add_run_arguments, check_run_arguments, command_line, device_slug, markdown_table,
                     results_dir, run_metadata, write_results)
-from timing import Times, cpu_median_ms
+from timing import Times, interleaved_ms
 
 from sparse_engine import sparse_modules, sparsify
 from sparse_engine.models import fashion_cnn, resnet18
@@ -178,21 +177,8 @@ def check(case: Case) -> None:
 def measure(case: Case, device: torch.device, quick: bool) -> dict[str, Times]:
     rounds, reps = (1, 3) if quick else (ROUNDS, REPS)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    methods = case.methods()
-    medians: dict[str, list[float]] = {name: [] for name in methods}
-    single = {}
-    for r in range(rounds):
-        for name, step in methods.items():
-            single[name] = cpu_median_ms(step, 1, warmup=1 if r == 0 else 0, min_reps=reps, min_time_s=0.0,
-                                         before=lambda i: case.restore(), sync=sync)
-            medians[name].append(single[name].median)
-    if rounds == 1:
-        return single
-    out = {}
-    for name, v in medians.items():
-        p20, _, _, p80 = statistics.quantiles(v, n=5, method="inclusive")
-        out[name] = Times(statistics.median(v), p20, p80)
-    return out
+    return interleaved_ms({name: (step, 1, lambda i: case.restore()) for name, step in case.methods().items()},
+                          rounds, reps, sync)
 
 
 def bench_case(w: Workload, device: torch.device, args, meta: dict) -> list[dict]:

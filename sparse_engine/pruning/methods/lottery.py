@@ -16,7 +16,6 @@ A ticket is a plain dict (``torch.save``/``torch.load(weights_only=True)`` keep 
 
 IMP's lottery options (``dense_epochs``, ``rewind_step``, ``reinit``) are documented on ``IMP``.
 """
-import numbers
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparsify import sparse_modules
 from sparse_engine.ops.mask_pack import packed_shape, unpack_mask
+from sparse_engine.pruning.methods.pruner import check_int
 from sparse_engine.pruning.methods.reinit import check_generator, reinitialize_
 
 
@@ -33,19 +33,13 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_lottery_options(dense_epochs, rewind_step, reinit, rewind, lr_schedule, steps_per_epoch) -> int:
     """Validate IMP's lottery-ticket options; returns ``dense_epochs`` as an int."""
-    dense_epochs = _int(dense_epochs, "dense_epochs", 0)
+    dense_epochs = check_int(dense_epochs, "dense_epochs", 0)
     if not isinstance(reinit, bool):
         raise TypeError(f"reinit: expected a bool, got {type(reinit).__name__}")
     if rewind_step is not None:
-        rewind_step = _int(rewind_step, "rewind_step", 0)
+        rewind_step = check_int(rewind_step, "rewind_step", 0)
         if rewind is not None:
             raise ValueError("rewind/rewind_step: give at most one (a saved state_dict, or the step to capture)")
         if rewind_step > 0 and dense_epochs == 0:
@@ -53,7 +47,7 @@ def check_lottery_options(dense_epochs, rewind_step, reinit, rewind, lr_schedule
                              f"the dense epochs; with dense_epochs=0 the first prune is at the construction (use "
                              f"rewind_step=0, or dense_epochs >= 1)")
         if steps_per_epoch is not None:
-            spe = _int(steps_per_epoch, "steps_per_epoch", 1)
+            spe = check_int(steps_per_epoch, "steps_per_epoch", 1)
             if rewind_step > dense_epochs * spe:
                 raise ValueError(f"rewind_step={rewind_step}: after the {dense_epochs} dense epoch(s) of "
                                  f"{spe} steps ({dense_epochs * spe} steps)")
