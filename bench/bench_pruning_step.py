@@ -66,7 +66,6 @@ import copy
 import gc
 import math
 import os
-import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -78,7 +77,7 @@ from torch.nn.utils import prune
 
 from record import (add_run_arguments, check_run_arguments, command_line, device_slug, markdown_table,
                     results_dir, run_metadata, write_results)
-from timing import Times, copy_gbps, cpu_median_ms
+from timing import Times, copy_gbps, interleaved_ms
 
 import sparse_engine
 from sparse_engine import mask_optimizer, prune_, sparse_modules, sparsify, topk_mask
@@ -454,21 +453,8 @@ def measure(methods: dict[str, Method], device: torch.device, quick: bool) -> di
     Host clock, synchronized on CUDA (the markdown's notes say why not do_bench)."""
     rounds, reps = (1, 3) if quick else (ROUNDS, REPS)  # as main() records them
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    medians: dict[str, list[float]] = {name: [] for name in ROUND_ORDER}
-    single = {}
-    for r in range(rounds):
-        for name in ROUND_ORDER:
-            m = methods[name]
-            single[name] = cpu_median_ms(m.step, m.n_sets, warmup=1 if r == 0 else 0, min_reps=reps,
-                                         min_time_s=0.0, before=lambda i, m=m: m.before(), sync=sync)
-            medians[name].append(single[name].median)
-    if rounds == 1:
-        return single
-    out = {}
-    for name, v in medians.items():
-        p20, _, _, p80 = statistics.quantiles(v, n=5, method="inclusive")
-        out[name] = Times(statistics.median(v), p20, p80)
-    return out
+    return interleaved_ms({name: (methods[name].step, methods[name].n_sets, lambda i, m=methods[name]: m.before())
+                           for name in ROUND_ORDER}, rounds, reps, sync)
 
 
 def free(device: torch.device) -> None:

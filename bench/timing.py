@@ -170,3 +170,25 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     base = _status_bytes("VmRSS")
     fn()
     return _status_bytes("VmHWM") - base
+
+
+def interleaved_ms(methods: "dict[str, tuple[Step, int, Optional[Step]]]", rounds: int, reps: int,
+                   sync: Optional[Callable[[], object]] = None) -> dict[str, Times]:
+    """``cpu_median_ms`` of every ``name: (step, n_sets, before)`` in ``rounds`` rounds that
+    interleave the methods (so a slow spell of a shared machine hits each alike), ``reps`` calls
+    each after one warm-up call in the first round. With one round, that round's times; else per
+    method the median of the round medians with their 20th and 80th percentiles."""
+    medians: dict[str, list[float]] = {name: [] for name in methods}
+    single = {}
+    for r in range(rounds):
+        for name, (step, n_sets, before) in methods.items():
+            single[name] = cpu_median_ms(step, n_sets, warmup=1 if r == 0 else 0, min_reps=reps, min_time_s=0.0,
+                                         before=before, sync=sync)
+            medians[name].append(single[name].median)
+    if rounds == 1:
+        return single
+    out = {}
+    for name, v in medians.items():
+        p20, _, _, p80 = statistics.quantiles(v, n=5, method="inclusive")
+        out[name] = Times(statistics.median(v), p20, p80)
+    return out

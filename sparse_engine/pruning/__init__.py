@@ -4,8 +4,9 @@ Three sub-packages, each with one face:
 
 * ``select``: scores, layer-wise allocation, granularity and ``prune_`` (everything that chooses a
   mask; every mask is chosen through ``sparse_engine.ops.topk_mask``);
-* ``methods``: pruners that change masks during training (``OneShot``, ``IMP``, ``GMP``,
-  ``Cyclical``, ``FGGP``), sparsity schedules, retraining LR schedules, BatchNorm recalibration;
+* ``methods``: pruners that change masks during training (``OneShot``, ``IMP`` with lottery
+  tickets, ``GMP``, ``Cyclical``, ``FGGP``, ``PruneAtInit``, ``SET``, ``RigL``), sparsity schedules,
+  retraining LR schedules, BatchNorm recalibration;
 * ``second_order``: layer-wise OBS (SparseGPT) and CHITA/CHITA++.
 
 Every public name is also importable from ``sparse_engine.pruning`` itself, and the module paths

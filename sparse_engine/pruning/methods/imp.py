@@ -10,8 +10,10 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from sparse_engine.pruning.methods.lottery import check_lottery_options, make_ticket, snapshot
 from sparse_engine.pruning.methods.lr_schedules import RETRAIN_SCHEDULES, relative_norm_drop, retrain_lr_schedule
 from sparse_engine.pruning.methods.pruner import SCORED_OPTIONS, Pruner, check_int, check_sparsity
+from sparse_engine.pruning.methods.reinit import reinitialize_
 from sparse_engine.pruning.methods.schedules import imp_phase_sparsities
 from sparse_engine.pruning.select import prune_
 
@@ -43,11 +45,25 @@ class IMP(Pruner):
     "Linear Mode Connectivity and the Lottery Ticket Hypothesis"; Renda et al. 2020). It is saved in
     the pruner's ``state_dict``.
 
+    Lottery tickets (Frankle & Carbin 2019; open_lth's levels): ``dense_epochs`` trains the model
+    densely first (phase 0 starts at the ``on_epoch_end()`` that ends them), and ``rewind_step=k``
+    rewinds every phase to the parameters and buffers the model had after ``k`` optimizer steps
+    (``k = 0``: at the construction, i.e. the initialisation; ``k > 0``: open_lth's
+    ``rewinding_steps``, Frankle et al. 2020), captured during the dense epochs. ``ticket()``
+    returns the mask with its rewind weights (``sparse_engine.pruning.methods.lottery``), to save
+    and reload with ``load_ticket``. ``reinit=True`` is the random-reinitialisation control: the
+    last phase starts from the same mask (the earlier phases run as without it) with the pruned
+    layers' weights and biases drawn anew from their initialisation (``reinitialize_``, from a
+    generator the pruner owns) instead of the rewind weights.
+
     Args:
         sparsity: final target in [0, 1), above the current sparsity (None with ``rates``).
         phases: number of phases (int >= 1); or ``rates``, a list of per-phase rates in (0, 1).
         epochs_per_phase / budget_epochs: retraining epochs of each phase, or in total (one of them).
         steps_per_epoch: optimizer steps per epoch (needed with ``lr_schedule``).
+        dense_epochs: dense training epochs before phase 0's prune (default 0: prune now).
+        rewind_step: rewind to the weights after this many steps (None: see ``rewind``).
+        reinit: the random-reinitialisation control of the last phase (needs a rewind point).
         **prune_kwargs: ``prune_``'s ``score`` (default magnitude), ``allocation``, ``granularity``,
             ``exclude``, ``min_density`` and the score's inputs.
     """
@@ -57,7 +73,8 @@ class IMP(Pruner):
                  budget_epochs: Optional[int] = None, lr_schedule: Union[None, str, Callable] = None,
                  steps_per_epoch: Optional[int] = None, lr_options: Optional[dict] = None,
                  rewind: Optional[Mapping[str, torch.Tensor]] = None, bn_data=None,
-                 bn_batches: Optional[int] = None, **prune_kwargs):
+                 bn_batches: Optional[int] = None, dense_epochs: int = 0, rewind_step: Optional[int] = None,
+                 reinit: bool = False, **prune_kwargs):
         if sparsity is not None or rates is None:
             sparsity = check_sparsity(sparsity)
         if phases is not None:
@@ -72,6 +89,7 @@ class IMP(Pruner):
             steps_per_epoch = check_int(steps_per_epoch, "steps_per_epoch", 1)
         elif lr_options is not None:
             raise ValueError("lr_options: given without lr_schedule")
+        dense_epochs = check_lottery_options(dense_epochs, rewind_step, reinit, rewind, lr_schedule, steps_per_epoch)
         super().__init__(model, optimizer, prune_kwargs, SCORED_OPTIONS, bn_data, bn_batches)
         if sparsity is not None and sparsity <= self.sparsity:
             raise ValueError(f"sparsity={sparsity:g} is not above the model's current sparsity {self.sparsity:.6g} "
@@ -95,12 +113,24 @@ class IMP(Pruner):
         self.phase, self.epoch_in_phase, self.steps_in_epoch, self.finished = 0, 0, 0, False
         self.norm_drop = self.pruned_fraction = None
         self.lr_scheduler = None
-        self._start_phase()
+        # -- lottery tickets: dense epochs first, a rewind point captured at rewind_step, reinit control
+        self.dense_epochs, self.rewind_step, self.reinit = dense_epochs, rewind_step, reinit
+        if dense_epochs or rewind_step is not None or reinit:
+            self.config.update(dense_epochs=dense_epochs, rewind_step=rewind_step, reinit=reinit)
+        if reinit and self.generator is None:
+            self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))
+        self.dense_epochs_done = 0
+        if rewind_step == 0:
+            self.rewind = snapshot(self.model)
+        if dense_epochs:
+            self.lr_scheduler = self._new_scheduler(dense_epochs)
+        else:
+            self._start_phase()
 
     @property
     def total_epochs(self) -> int:
-        """Retraining epochs over all phases."""
-        return sum(self.phase_epochs)
+        """Epochs of the whole run: the dense epochs, then the retraining epochs of all phases."""
+        return self.dense_epochs + sum(self.phase_epochs)
 
     def _check_rewind(self, rewind) -> dict:
         if not isinstance(rewind, Mapping):
@@ -115,6 +145,11 @@ class IMP(Pruner):
                                  f"{getattr(v, 'shape', type(v).__name__)}")
         return {k: v.detach().clone() for k, v in rewind.items()}
 
+    @property
+    def in_dense_epochs(self) -> bool:
+        """True during the ``dense_epochs`` before phase 0."""
+        return self.dense_epochs_done < self.dense_epochs
+
     @torch.no_grad()
     def _rewind_weights(self) -> None:
         own = self.model.state_dict(keep_vars=True)
@@ -122,7 +157,19 @@ class IMP(Pruner):
             own[k].copy_(v)
         for _, m in self.layers:
             m.apply_mask_()
+        if self.reinit and self.phase + 1 == self.phases:
+            reinitialize_([m for _, m in self.layers], self.generator, bias=True)
         self.optimizer.state.clear()
+
+    def ticket(self) -> dict:
+        """The current lottery ticket: the masks of the pruned layers and the rewind weights
+        (``make_ticket``); save it with ``torch.save`` and load it with ``load_ticket``."""
+        if self.in_dense_epochs:
+            raise RuntimeError("ticket: no mask yet; IMP is in its dense epochs (phase 0 prunes at their end)")
+        if self.rewind is None:
+            raise RuntimeError("ticket: this IMP has no rewind point (pass rewind=... or rewind_step=k)")
+        return make_ticket(self.layers, self.rewind, sparsity=self.sparsity, phase=self.phase,
+                           rewind_step=self.rewind_step)
 
     def _start_phase(self) -> None:
         s = self.phase_sparsities[self.phase]
@@ -139,16 +186,18 @@ class IMP(Pruner):
         self._recalibrate()
         self.lr_scheduler = self._new_scheduler()
 
-    def _new_scheduler(self):
+    def _new_scheduler(self, epochs: Optional[int] = None):
         if self.lr_schedule is None:
             return None
-        total = self.phase_epochs[self.phase] * self.steps_per_epoch
+        total = (self.phase_epochs[self.phase] if epochs is None else epochs) * self.steps_per_epoch
         if callable(self.lr_schedule):
             return self.lr_schedule(self.optimizer, total)
         return retrain_lr_schedule(self.lr_schedule, self.optimizer, total, **self.lr_options,
                                    norm_drop=self.norm_drop, pruned_fraction=self.pruned_fraction)
 
     def _on_step(self, t: int) -> bool:
+        if t == self.rewind_step and self.in_dense_epochs:
+            self.rewind = snapshot(self.model)
         self.steps_in_epoch += 1
         if self.lr_scheduler is not None and not self.finished:
             self.lr_scheduler.step()
@@ -161,6 +210,16 @@ class IMP(Pruner):
             warnings.warn(f"IMP: epoch {e} took {self.steps_in_epoch} steps, not steps_per_epoch="
                           f"{self.steps_per_epoch}; the phase's LR schedule assumes the latter", stacklevel=3)
         self.steps_in_epoch = 0
+        if self.in_dense_epochs:
+            last = self.dense_epochs_done + 1 == self.dense_epochs
+            if last and self.rewind_step is not None and self.rewind is None:
+                raise RuntimeError(f"rewind_step={self.rewind_step}: the dense epochs ended after {self.step_count} "
+                                   f"steps, before step {self.rewind_step}; the rewind point was never reached")
+            self.dense_epochs_done += 1
+            if not last:
+                return False
+            self._start_phase()
+            return True
         self.epoch_in_phase += 1
         if self.epoch_in_phase < self.phase_epochs[self.phase]:
             return False
@@ -180,16 +239,18 @@ class IMP(Pruner):
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.rewind is not None:
             state["rewind"] = {k: v.clone() for k, v in self.rewind.items()}
+        if self.dense_epochs:
+            state["dense_epochs_done"] = self.dense_epochs_done
         return state
 
     def _load_extra_state(self, state: dict) -> None:
         self.phase, self.epoch_in_phase = state["phase"], state["epoch_in_phase"]
         self.steps_in_epoch, self.finished = state["steps_in_epoch"], state["finished"]
         self.norm_drop, self.pruned_fraction = state["norm_drop"], state["pruned_fraction"]
-        if self.rewind is not None:
-            self.rewind = {k: v.detach().clone() for k, v in state["rewind"].items()}
+        self.rewind = None if "rewind" not in state else {k: v.detach().clone() for k, v in state["rewind"].items()}
+        self.dense_epochs_done = state.get("dense_epochs_done", 0)
         if self.lr_schedule is not None:
-            self.lr_scheduler = self._new_scheduler()
+            self.lr_scheduler = self._new_scheduler(self.dense_epochs if self.in_dense_epochs else None)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             # Building the scheduler set the phase's first LR; the saved step's LR is the one to train with.
             for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
