@@ -416,3 +416,23 @@ def test_after_a_failed_construction_a_new_pruner_works():
     pruner = OneShot(m, opt, 0.5)
     assert len(installed_maskers(opt)) == 1 and pruner.masked_optimizer is installed_maskers(opt)[0]
     assert abs(pruner.current_sparsity() - 0.5) < 0.01
+
+
+def test_a_layer_with_several_masked_weights_is_restored_per_weight():
+    """An LSTM masks four weights; each keeps its own mask version, and a restored one moves up."""
+    torch.manual_seed(3)
+    m = sparsify(nn.LSTM(5, 7, num_layers=2))
+    (_, lstm), = [(n, u.module) for n, u in sparse_modules(m)][:1]
+    units = lstm.masked_weights
+    masks = {n: u.mask for n, u in units.items()}
+    versions = {n: u.mask_version for n, u in units.items()}
+    weights = {n: getattr(lstm, n).detach().clone() for n in units}
+    with pytest.raises(RuntimeError, match="after one mask"):
+        with restore_on_error(m):
+            units["weight_hh_l0"].set_mask(torch.rand_like(lstm.weight_hh_l0) > 0.5)
+            raise RuntimeError("after one mask")
+    for n, u in units.items():
+        assert torch.equal(u.mask, masks[n]) and torch.equal(getattr(lstm, n), weights[n]), n
+    assert units["weight_hh_l0"].mask_version > versions["weight_hh_l0"]
+    assert {n: u.mask_version for n, u in units.items() if n != "weight_hh_l0"} == \
+        {n: v for n, v in versions.items() if n != "weight_hh_l0"}

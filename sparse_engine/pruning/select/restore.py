@@ -87,7 +87,7 @@ class ModelSnapshot:
                 for t in list(m._parameters.values()) + list(m._buffers.values()):
                     if t is not None and id(t) not in self._copies:
                         self._copies[id(t)] = (t, t.detach().clone())
-        self._versions = [(m, m.mask_version) for m in modules if isinstance(m, MaskedModule)]
+        self._versions = [(m, dict(m._mask_versions)) for m in modules if isinstance(m, MaskedModule)]
         if optimizer is not None:
             self._optimizer = _Attributes(optimizer)
             self._groups = [(g, dict(g, params=list(g["params"]))) for g in optimizer.param_groups]
@@ -97,14 +97,16 @@ class ModelSnapshot:
     @torch.no_grad()
     def restore(self) -> None:
         """Put back every parameter, buffer, mask, module attribute and the optimizer as they were."""
-        versions = {id(m): m.mask_version for m, _ in self._versions}
+        versions = {id(m): dict(m._mask_versions) for m, _ in self._versions}
         for attributes in self._modules:
             attributes.restore()
         for t, saved in self._copies.values():
             _copy_back(t, saved)
         for m, old in self._versions:
-            if versions[id(m)] != old:
-                m.mask_version = versions[id(m)] + 1  # the old mask under a new version (module docstring)
+            for name, version in old.items():  # one version per masked weight
+                now = versions[id(m)].get(name, version)
+                if now != version:
+                    m._mask_versions[name] = now + 1  # the old mask under a new version (module docstring)
         if self.optimizer is not None:
             self._restore_optimizer()
 
