@@ -22,12 +22,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sparse_engine.nn import mask_optimizer, sparse_modules, sparsify, sparsity_report
 from sparse_engine.pruning import retrain_lr_schedule
 from sparse_engine.sweep import components
 from sparse_engine.sweep.methods import MethodContext, lookup_method
-from sparse_engine.sweep.metrics import evaluate_metrics
+from sparse_engine.sweep.metrics import evaluate_metrics, needs_parent
 from sparse_engine.sweep.plan import TrialSpec
 from sparse_engine.train import train_epoch
 
@@ -106,6 +107,7 @@ class Trial:
         model = components.build(self.config["model"])
         self.init_state = None
         self.pruner = self.scheduler = None
+        self._parent_weights, self._parent = (parent_state or {}).get("model"), None
         if self.pretrain:
             self.model = model.to(self.device)
             self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -159,7 +161,7 @@ class Trial:
         metrics = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "sparsity": self.sparsity()}
         if self.eval_every and self.epoch % self.eval_every == 0:
             metrics.update(evaluate_metrics(self.config["metrics"], self.model, self.x_test, self.y_test,
-                                            self.device))
+                                            self.device, self.parent_model()))
         self.history.append(metrics)
         self.elapsed += time.perf_counter() - started
         return metrics
@@ -168,13 +170,23 @@ class Trial:
     def finished(self) -> bool:
         return self.epoch >= self.epochs
 
+    def parent_model(self) -> Optional[nn.Module]:
+        """The dense parent this trial started from, for metrics that compare with it (built once,
+        only when the sweep's metrics need it); None without a parent or without such metrics."""
+        if self._parent is None and self._parent_weights is not None and needs_parent(self.config["metrics"]):
+            parent = components.build(self.config["model"])
+            parent.load_state_dict(self._parent_weights)
+            self._parent = parent.to(self.device).eval()
+        return self._parent
+
     def sparsity(self) -> float:
         return sparsity_report(self.model).sparsity if sparse_modules(self.model) else 0.0
 
     def result(self) -> dict:
         """Final metrics (an open dict of numbers), per-layer sparsity and the per-epoch history."""
         started = time.perf_counter()
-        metrics = evaluate_metrics(self.config["metrics"], self.model, self.x_test, self.y_test, self.device)
+        metrics = evaluate_metrics(self.config["metrics"], self.model, self.x_test, self.y_test, self.device,
+                                   self.parent_model())
         metrics["train_loss"] = self.history[-1]["train_loss"] if self.history else float("nan")
         metrics["sparsity"] = self.sparsity()
         layers = {}
