@@ -84,6 +84,35 @@ def test_run_records_results_and_skips_finished_trials(reference, data):
     assert not [e for e in new if e["event"] in ("started", "epoch", "finished")]
 
 
+def test_a_metric_added_later_is_measured_on_the_finished_models_without_training(tmp_path, reference, data):
+    import shutil
+    directory = tmp_path / "sweep"
+    shutil.copytree(reference, directory)
+    before = {r["id"]: r for r in SweepResults(directory).records()}
+    text = h.tiny_sweep_text(data).replace('metrics = ["accuracy", "loss"]',
+                                           'metrics = ["accuracy", "loss", "beyond_accuracy"]')
+    n = len(h.events(directory))
+    h.run_here(text, directory)
+    new = h.events(directory)[n:]
+    assert not [e for e in new if e["event"] in ("started", "epoch", "finished")], "a finished trial was trained"
+    assert sorted(e["trial"] for e in new if e["event"] == "evaluated") == sorted(before)
+    after = {r["id"]: r for r in SweepResults(directory).records()}
+    for i, r in after.items():
+        m = r["metrics"]
+        # the saved model, masks included, is the one that was trained: the same clean accuracy
+        assert m["accuracy"] == pytest.approx(before[i]["metrics"]["test_accuracy"], abs=1e-12), i
+        assert {k: m[k] for k in before[i]["metrics"]} == before[i]["metrics"]
+        assert 0.0 <= m["ece"] <= 1.0 and "noise_acc_mean" in m
+        if r["kind"] == "prune":
+            parent = after[r["parent"]]["metrics"]
+            assert m["dense_accuracy"] == parent["accuracy"] and 0.0 <= m["agreement"] <= 1.0
+        else:
+            assert "agreement" not in m
+    n = len(h.events(directory))
+    h.run_here(text, directory)
+    assert not [e for e in h.events(directory)[n:] if e["event"] == "evaluated"], "measured twice"
+
+
 def test_kill_9_and_resume_gives_the_uninterrupted_results(tmp_path, tmp_path_factory, data):
     text = h.tiny_sweep_text(data, h.SLOW_METHOD)
     reference = h.baseline(tmp_path_factory, text, "slow")

@@ -26,7 +26,8 @@ from sparse_engine.sweep.results import SweepResults
 from sparse_engine.sweep.provenance import git_sha
 from sparse_engine.sweep.runner import WorkerEnv
 from sparse_engine.sweep.source import SweepSource
-from sparse_engine.sweep.store import Store
+from sparse_engine.sweep.store import Store, load_torch
+from sparse_engine.sweep.trial import measure_saved
 
 POLL_S = 0.2
 BUSY_WAIT_S = 1.0
@@ -120,6 +121,7 @@ class Sweep:
             try:
                 self._declare(index)
                 self._schedule(pool, index, run, retry_failed, progress)
+                self._measure_missing(index, device)
             finally:
                 index.close()
         finally:
@@ -179,6 +181,31 @@ class Sweep:
             pool.shutdown()
             bar.update(index.follow(final=True), {})
             bar.close()
+
+    def _measure_missing(self, index: Index, device: str) -> None:
+        """Measure the sweep's metrics that finished trials have not (a metric added to the file
+        after they ran) on their final models, and merge them into their results."""
+        tail = _Tail(index, self.store.journal)
+        tail.follow()
+        rows = {r["id"]: r for r in index.trials([t.id for t in self.plan.trials])}
+        for spec in self.plan.trials:
+            row = rows.get(spec.id)
+            if row is None or row["state"] != "done":
+                continue
+            measured = row.get("measured") or (row["config"] or {}).get("metrics") or []
+            missing = [n for n in spec.config["metrics"] if n not in measured]
+            if not missing:
+                continue
+            path = self.store.model(spec.id)
+            if not path.exists():
+                raise SweepError(f"trial {spec.id} is done but its final model {path} is missing: cannot measure "
+                                 f"{', '.join(missing)}; delete the trial's directory to train it again")
+            parent = None
+            if spec.parent is not None and self.store.model(spec.parent).exists():
+                parent = load_torch(self.store.model(spec.parent))
+            values = measure_saved(spec, missing, load_torch(path), parent, device)
+            self.store.journal.append({"event": "evaluated", "trial": spec.id, "metrics": values, "measured": missing})
+        tail.follow()
 
     # -- results ---------------------------------------------------------------------------------
 

@@ -9,12 +9,14 @@ when it has seen the whole journal, else an in-memory rebuild.
 Tables::
 
     trials(id, kind, parent, labels, config, state, attempts, epochs_done, metrics, layers,
-           wall_s, device, threads, version, git_sha, error, traceback, updated)
+           wall_s, device, threads, version, git_sha, error, traceback, updated, measured)
     epochs(trial, epoch, metrics)            -- one row per (trial, epoch): no duplicates
     meta(key, value)                         -- journal_offset, fingerprint
 
 ``state`` is ``pending``, ``running`` (started, not finished: running now, or interrupted),
-``done`` or ``failed``. JSON columns hold JSON text.
+``done`` or ``failed``. JSON columns hold JSON text. ``measured`` lists the sweep metrics whose
+values ``metrics`` holds: a metric added to the sweep file later is measured on the finished models
+(an ``evaluated`` event merges its values in) without training them again.
 """
 import json
 import os
@@ -28,11 +30,13 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
     id TEXT PRIMARY KEY, kind TEXT, parent TEXT, labels TEXT, config TEXT, state TEXT DEFAULT 'pending',
     attempts INTEGER DEFAULT 0, epochs_done INTEGER DEFAULT 0, metrics TEXT, layers TEXT, wall_s REAL,
-    device TEXT, threads INTEGER, version TEXT, git_sha TEXT, error TEXT, traceback TEXT, updated REAL);
+    device TEXT, threads INTEGER, version TEXT, git_sha TEXT, error TEXT, traceback TEXT, updated REAL,
+    measured TEXT);
 CREATE TABLE IF NOT EXISTS epochs (trial TEXT, epoch INTEGER, metrics TEXT, PRIMARY KEY (trial, epoch));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
-RESULT_COLUMNS = ("metrics", "layers", "wall_s", "device", "threads", "version", "git_sha")
+RESULT_COLUMNS = ("metrics", "layers", "wall_s", "device", "threads", "version", "git_sha", "measured")
+JSON_COLUMNS = ("labels", "config", "metrics", "layers", "measured")
 
 
 def _apply(db: sqlite3.Connection, event: dict) -> None:
@@ -61,10 +65,17 @@ def _apply(db: sqlite3.Connection, event: dict) -> None:
         db.execute("DELETE FROM epochs WHERE trial=?", (trial,))
         db.executemany("INSERT INTO epochs VALUES (?, ?, ?)",
                        [(trial, i + 1, json.dumps(m)) for i, m in enumerate(event.get("history", []))])
-        values = [json.dumps(event.get(c)) if c in ("metrics", "layers") else event.get(c) for c in RESULT_COLUMNS]
+        values = [json.dumps(event.get(c)) if c in JSON_COLUMNS else event.get(c) for c in RESULT_COLUMNS]
         db.execute(f"UPDATE trials SET state='done', epochs_done=?, error=NULL, traceback=NULL, updated=?, "
                    f"{', '.join(c + '=?' for c in RESULT_COLUMNS)} WHERE id=?",
                    (len(event.get("history", [])), when, *values, trial))
+    elif kind == "evaluated":
+        row = db.execute("SELECT metrics, measured FROM trials WHERE id=? AND state='done'", (trial,)).fetchone()
+        if row is not None:
+            metrics = {**json.loads(row[0] or "{}"), **event["metrics"]}
+            measured = list(dict.fromkeys((json.loads(row[1]) if row[1] else []) + event["measured"]))
+            db.execute("UPDATE trials SET metrics=?, measured=?, updated=? WHERE id=?",
+                       (json.dumps(metrics), json.dumps(measured), when, trial))
     elif kind == "failed":
         db.execute("UPDATE trials SET state='failed', error=?, traceback=?, updated=? WHERE id=? AND state != 'done'",
                    (event.get("error"), event.get("traceback"), when, trial))
@@ -129,8 +140,8 @@ class Index:
         self.db.row_factory = sqlite3.Row
         rows = {r["id"]: dict(r) for r in self.db.execute("SELECT * FROM trials")}
         for r in rows.values():
-            for c in ("labels", "config", "metrics", "layers"):
-                r[c] = json.loads(r[c]) if r[c] is not None else None
+            for c in JSON_COLUMNS:
+                r[c] = json.loads(r[c]) if r.get(c) is not None else None
         return [rows[i] for i in ids if i in rows] if ids is not None else list(rows.values())
 
     def history(self, trial: str) -> list[dict]:

@@ -42,6 +42,27 @@ def make_optimizer(params, config: dict) -> torch.optim.Optimizer:
                              weight_decay=config["weight_decay"])
 
 
+def saved_model(model: dict, state: dict, sparse: bool, device) -> nn.Module:
+    """The model of config ``model`` (sparsified when ``sparse``) with the saved ``state`` dict, on
+    ``device``, in eval mode."""
+    out = components.build(model)
+    if sparse:
+        out = sparsify(out)
+    out.load_state_dict(state)
+    return out.to(device).eval()
+
+
+def measure_saved(spec: TrialSpec, names: list, model_state: dict, parent_state: Optional[dict], device) -> dict:
+    """The metrics ``names`` of a finished trial, from its final ``model.pt`` contents (and its
+    parent's, for metrics that compare with it), without training it again."""
+    _, _, x_test, y_test = components.load({**spec.config["data"], "dir": spec.data_dir})
+    model = saved_model(spec.config["model"], model_state["model"], spec.kind == "prune", device)
+    parent = None
+    if parent_state is not None and needs_parent(names):
+        parent = saved_model(spec.config["model"], parent_state["model"], False, device)
+    return evaluate_metrics(names, model, x_test, y_test, device, parent)
+
+
 def pretrain_lrs(pretrain: dict, steps: int) -> list[float]:
     """The parent's learning rate at each of its ``steps`` optimizer steps (the "original
     schedule" that retraining schedules such as SLR and CLR derive from)."""
@@ -174,9 +195,7 @@ class Trial:
         """The dense parent this trial started from, for metrics that compare with it (built once,
         only when the sweep's metrics need it); None without a parent or without such metrics."""
         if self._parent is None and self._parent_weights is not None and needs_parent(self.config["metrics"]):
-            parent = components.build(self.config["model"])
-            parent.load_state_dict(self._parent_weights)
-            self._parent = parent.to(self.device).eval()
+            self._parent = saved_model(self.config["model"], self._parent_weights, False, self.device)
         return self._parent
 
     def sparsity(self) -> float:
@@ -193,7 +212,8 @@ class Trial:
         if sparse_modules(self.model):
             layers = {layer.name: 1.0 - layer.density for layer in sparsity_report(self.model).layers}
         self.elapsed += time.perf_counter() - started
-        return {"metrics": metrics, "layers": layers, "history": list(self.history), "wall_s": self.elapsed}
+        return {"metrics": metrics, "layers": layers, "history": list(self.history), "wall_s": self.elapsed,
+                "measured": list(self.config["metrics"])}
 
     def final_state(self) -> dict:
         """What ``model.pt`` holds: the model's state_dict (and the initial one, for a parent)."""
