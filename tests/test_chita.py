@@ -760,3 +760,24 @@ def test_cuda_dead_weights_and_given_schedule():
     data = [(x.cuda(), t.cuda()) for x, t in synthetic_data()]
     report = chita_plus_plus(model, F.cross_entropy, data, 0.8, stages=3, schedule=[0.1, 0.5, 0.8], n_grads=30)
     assert report.kept == target_kept(report.numel, 0.8)
+
+
+def test_a_layer_the_global_problem_empties_is_warned_about():
+    """A layer that never sees gradient (unused in the forward) is all dead weight: CHITA prunes all of
+    it, and says so, as prune_ does."""
+    torch.manual_seed(0)
+
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(12, 4), nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.used(x.flatten(1))
+
+    model = sparsify(TwoPaths())
+    with pytest.warns(UserWarning, match=r"chita: layer\(s\) \['unused'\] are pruned to density 0.*exclude"):
+        report = chita(model, F.cross_entropy, synthetic_data(), 0.5, n_grads=32)
+    assert {layer.name: layer.density for layer in report.layers}["unused"] == 0.0
+    with pytest.warns(UserWarning, match=r"chita_plus_plus: layer\(s\) \['unused'\]"):
+        chita_plus_plus(sparsify(TwoPaths()), F.cross_entropy, synthetic_data(), 0.5, stages=2, n_grads=32)

@@ -163,10 +163,26 @@ def _same_masks(a, b):
 FLOW_MODELS = ["fashion_mlp", "fashion_cnn", "transformer", "lstm", "tied_lm", "conv_zoo"] + (["resnet18"] if SLOW else [])
 
 
+def _torch_rnn_runs_under_cpu_bf16_autocast() -> bool:
+    """Whether torch's own nn.LSTM runs under CPU bf16 autocast here: oneDNN has no LSTM primitive
+    for bf16 on CPUs without bf16 instructions ("could not create a primitive descriptor")."""
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            nn.LSTM(3, 4)(torch.randn(2, 1, 3))
+    except RuntimeError as e:
+        if "primitive descriptor" in str(e):
+            return False
+        raise
+    return True
+
+
 @pytest.mark.parametrize("name", FLOW_MODELS)
 def test_reference_model_flow(name, tmp_path):
     """sparsify, prune 90%, train under CPU bf16 autocast, save and reload every way a user does."""
     torch.manual_seed(0)
+    if any(isinstance(m, nn.RNNBase) for m in build_model(name).modules()) and \
+            not _torch_rnn_runs_under_cpu_bf16_autocast():
+        pytest.skip("torch's own nn.LSTM fails under CPU bf16 autocast on this CPU (oneDNN, no bf16 instructions)")
     model = sparsify(build_model(name))
     prune_(model, 0.9, allocation="uniform")
     x = _train_steps(model, name)

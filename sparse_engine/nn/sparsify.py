@@ -246,14 +246,18 @@ def check_materialized(layers) -> None:
                          f"e.g. model.load_state_dict(state_dict, assign=True)")
 
 
-def warn_empty_layers(report: SparsityReport, names, caller: str) -> None:
-    """Warn about the layers among ``names`` that keep no weight (pruned to density 0)."""
+PRUNE_ADVICE = ("keep a minimum per layer with min_density= (e.g. prune_(..., min_density=0.02)), or use a per-layer "
+                "allocation such as 'erk' or 'uniform'")
+
+
+def warn_empty_layers(report: SparsityReport, names, caller: str, advice: str = PRUNE_ADVICE) -> None:
+    """Warn about the layers among ``names`` that keep no weight (pruned to density 0); ``advice``
+    says how the caller's user keeps some."""
     names = set(names)
     empty = [n for n in report.empty_layers() if n in names]
     if empty:
         warnings.warn(f"{caller}: layer(s) {empty} are pruned to density 0 (every output they compute is the bias, or "
-                      f"zero); keep a minimum per layer with min_density= (e.g. prune_(..., min_density=0.02)), or use "
-                      f"a per-layer allocation such as 'erk' or 'uniform'", stacklevel=3)
+                      f"zero); {advice}", stacklevel=3)
 
 
 # Re-exported here, where they lived before nn/report.py.

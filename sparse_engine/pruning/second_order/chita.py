@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_engine.nn.masked_module import MaskedModule
-from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report
+from sparse_engine.nn.sparsify import Selector, SparsityReport, sparsity_report, warn_empty_layers
 from sparse_engine.ops.mask_pack import unpack_mask
 from sparse_engine.ops.topk_mask import topk_mask
 from sparse_engine.pruning.second_order.chita_solver import (  # noqa: F401
@@ -264,7 +264,18 @@ def chita(model: nn.Module, loss_fn: Callable, data, sparsity: float, n_grads: i
     layers = prunable_layers(model, exclude)
     _chita_stage(model, layers, loss_fn, data, sparsity, n_grads, l2, block_size, iht_iters, grad_batch_size,
                  rounds, backsolve, step, prune_dead)
-    return sparsity_report(model)
+    return _report(model, layers, "chita")
+
+
+def _report(model: nn.Module, layers, caller: str) -> SparsityReport:
+    """The model's report, with a warning for layers the global problem left without weights."""
+    report = sparsity_report(model)
+    warn_empty_layers(report, [n for n, _ in layers], caller, EMPTY_ADVICE)
+    return report
+
+
+EMPTY_ADVICE = ("the global problem found them the cheapest to remove; exclude them (exclude=[...]) or prune at a "
+                "lower sparsity, or prune them separately (obs_layerwise prunes each layer at its own sparsity)")
 
 
 def chita_sparsities(target: float, stages: int, schedule: str = "exponential", start: float = 0.0) -> list[float]:
@@ -338,4 +349,4 @@ def chita_plus_plus(model: nn.Module, loss_fn: Callable, data, sparsity: float, 
             continue  # nothing to prune at this stage
         _chita_stage(model, layers, loss_fn, data, s, n_grads, l2, block_size, iht_iters, grad_batch_size, rounds,
                      backsolve, step, prune_dead)
-    return sparsity_report(model)
+    return _report(model, layers, "chita_plus_plus")
