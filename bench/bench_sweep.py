@@ -118,6 +118,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="torch threads of the bare loop and of each runner worker (default: "
                    "the cores split between workers). On a shared machine 1 avoids OpenMP's waits for descheduled "
                    "threads")
+    p.add_argument("--train-size", type=int, help="training images (default 20000, quick 2048)")
     p.add_argument("--trial-seconds", type=float, help="target length of a trial (default 60, quick: 2 epochs)")
     return p.parse_args(argv)
 
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
                 load_avg_1min=os.getloadavg()[0])
     try:
         directory, meta["data"] = data_dir(args.data_dir, scratch)
-        train_size = 2048 if args.quick else 20_000
+        train_size = args.train_size or (2048 if args.quick else 20_000)
         sparsities = [0.5, 0.9] if args.quick else [0.8, 0.9, 0.95]
         text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=1, sparsities=sparsities)
         epochs = 2

@@ -219,3 +219,17 @@ def Sweep_results(directory: Path) -> list:
 def die(ctx):
     """A method whose worker process dies (as on a segfault or the OOM killer)."""
     os._exit(3)
+
+
+def blobs(n_train=256, n_test=64, features=6, classes=3, seed=0):
+    """A user data function: Gaussian blobs, ``(x_train, y_train, x_test, y_test)``."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(classes, features, generator=g)
+    y = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    x = centers[y] + torch.randn(n_train + n_test, features, generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def user_mlp(features=6, hidden=16, classes=3):
+    """A user model builder."""
+    return torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))

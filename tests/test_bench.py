@@ -481,3 +481,22 @@ def test_block_solve_gpu_targets_read_speedups_and_errors(solve_bench):
     assert line.startswith("met ") and "= 25 " in line
     chita[2]["objective"] = 5.1  # GPU and CPU disagree on the objective: not met
     assert solve_bench.chita_targets(chita, cuda)[0].startswith("NOT met")
+
+
+# ---- bench/bench_sweep.py ------------------------------------------------------------------------
+
+def test_sweep_bench_smoke_run_writes_overhead_and_throughput(tmp_path):
+    """The sweep runner's benchmark runs end to end (tiny trials): both overhead rows and 1/2/4 workers."""
+    cmd = [sys.executable, str(REPO / "bench" / "bench_sweep.py"), "--quick", "--train-size", "256", "--threads", "1",
+           "--out-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (path,) = tmp_path.glob("sweep_cpu-*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    overhead = {r["method"]: r for r in rows if r["section"] == "overhead"}
+    assert set(overhead) == {"bare", "runner"} and overhead["runner"]["trials"] == 3
+    assert all(r["seconds"] > 0 for r in rows)
+    assert overhead["runner"]["overhead_s_per_trial"] == pytest.approx(
+        (overhead["runner"]["seconds"] - overhead["bare"]["seconds"]) / 3)
+    assert sorted(r["workers"] for r in rows if r["section"] != "overhead") == [1, 2, 4]
+    assert "| runner | 3 |" in next(tmp_path.glob("sweep_cpu-*.md")).read_text()

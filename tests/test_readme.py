@@ -57,3 +57,14 @@ def test_readme_section_runs(title, blocks, tmp_path, monkeypatch):
 def test_sections_are_parsed_as_written():
     text = "intro\n```python\na = 1\n```\n## One\n```bash\nmake\n```\n```python\nb = 2\n\nc = b\n```\n## Two\ntext\n"
     assert readme_sections(text) == [("(top)", [(3, "a = 1\n")]), ("One", [(10, "b = 2\n\nc = b\n")])]
+
+
+def test_readme_sweep_files_are_valid():
+    """Every ```toml block is a complete sweep file that the planner accepts as written."""
+    from sparse_engine.sweep.plan import plan_sweep
+    from sparse_engine.sweep.source import SweepSource
+    blocks = re.findall(r"^```toml\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+    assert blocks, "README.md has no ```toml sweep file"
+    for text in blocks:
+        plan = plan_sweep(SweepSource(text, "README.md"))
+        assert plan.trials, text

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sweep_helpers as h
-from sparse_engine.sweep import StoreError, Sweep, SweepError, SweepResults, report_table
+from sparse_engine.sweep import StoreError, Sweep, SweepError, SweepFileError, SweepResults, report_table
 from sparse_engine.sweep.cli import main
 from sparse_engine.sweep.runner import WorkerEnv, build_trial
 from sparse_engine.sweep.store import Store, save_torch
@@ -277,3 +277,36 @@ def test_local_worker_that_dies_is_recorded_and_replaced(tmp_path, data):
     assert dead["error"] == "worker process w0 died (exit code 3)"
     workers = {e["pid"] for e in h.events(tmp_path) if e["event"] == "started"}
     assert len(workers) == 2  # the replacement
+
+
+def test_a_users_own_model_and_data_by_import_path(tmp_path):
+    text = """
+name = "user"
+[data]
+name = "sweep_helpers:blobs"
+options = { features = 5, classes = 4 }
+[pretrain]
+epochs = 2
+batch_size = 32
+optimizer = { name = "sgd", lr = 0.1 }
+[train]
+epochs = 1
+batch_size = 32
+[models.mine]
+name = "sweep_helpers:user_mlp"
+options = { features = 5, hidden = 12, classes = 4 }
+[methods.one-shot]
+name = "one_shot"
+[grid]
+sparsity = [0.5, 0.75]
+"""
+    assert h.run_here(text, tmp_path / "sweep")["done"] == 3
+    records = SweepResults(tmp_path / "sweep").records()
+    n = 5 * 12 + 12 * 4
+    for r in records:
+        if r["kind"] == "prune":
+            assert r["metrics"]["sparsity"] == round(r["sparsity"] * n) / n
+    assert min(r["metrics"]["test_accuracy"] for r in records) > 0.5   # separable blobs, 4 classes
+    bad = text.replace("hidden = 12", "hiden = 12")
+    with pytest.raises(SweepFileError, match=r"<sweep>:\d+: models\.mine\.options\.hiden"):
+        Sweep.from_text(bad, directory=tmp_path / "bad")
