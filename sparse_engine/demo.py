@@ -38,7 +38,7 @@ SWEEP_FILE = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 METHODS = ("one-shot", "one-shot ERK", "IMP+FT", "IMP+SLR", "IMP+CLR", "GMP", "cyclical", "FGGP")
 MODELS = ("mlp", "cnn")
 BUDGETS = {  # (training images, dense epochs, retraining epochs)
-    "default": (8_000, 8, 6),   # about 4-5 minutes on 2 idle CPU cores
+    "default": (8_000, 8, 6),   # the demo's budget (2 min 38 s on 2 idle cores before it became a sweep)
     "full": (60_000, 15, 9),
 }
 BATCH = 128
