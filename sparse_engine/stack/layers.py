@@ -71,6 +71,7 @@ class StackedMaskedLayer(StackedLayer):
         self.backend = modules[0].backend if isinstance(modules[0], MaskedModule) else "triton"
         self.register_buffer("mask_bits", torch.empty(stacked_packed_shape(self.weight.shape), dtype=torch.int32,
                                                       device=self.weight.device))
+        self.mask_version = 0
         self.set_mask(torch.stack(masks))
 
     @property
@@ -88,6 +89,12 @@ class StackedMaskedLayer(StackedLayer):
                              f"got {tuple(mask.shape)}")
         self.mask_bits.copy_(pack_stacked_mask(mask.to(self.weight.device)))
         self.weight.masked_fill_(~mask.to(self.weight.device), 0)
+        self.mask_version += 1  # tells the optimizer masking to clear the state of newly pruned entries
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Zero every model's weights at its pruned positions."""
+        self.weight.masked_fill_(~self.mask, 0)
 
     @torch.no_grad()
     def unstacked(self, i: int) -> MaskedModule:
