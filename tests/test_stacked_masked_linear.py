@@ -6,7 +6,8 @@ import torch
 from sparse_engine.kernels.stacked_masked_linear import (stacked_masked_linear_bwd_input,
                                                          stacked_masked_linear_bwd_weight, stacked_masked_linear_fwd)
 from sparse_engine.ops import pack_mask
-from sparse_engine.ops.stacked_mask import pack_stacked_mask, unpack_stacked_mask, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, unpack_stacked_mask,
+                                           unpack_stacked_mask_ref)
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear, stacked_masked_linear_ref
 from tolerance import assert_matches_ref, assert_within_dot_bound
 
@@ -33,6 +34,18 @@ def test_stacked_mask_layout_is_each_models_pack_mask():
         assert torch.equal(bits[i], pack_mask(mask[i]))
     assert torch.equal(unpack_stacked_mask(bits, mask.shape), mask)
     assert torch.equal(unpack_stacked_mask_ref(bits, mask.shape), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
+def test_apply_stacked_mask_gives_exact_zeros_even_for_nan_and_inf(dtype):
+    t = torch.randn(3, 5, 37).to(dtype)
+    t[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    mask = torch.rand(3, 5, 37) < 0.5
+    mask[0, 0, :3] = False
+    out = apply_stacked_mask(t, pack_stacked_mask(mask))
+    assert out.dtype == dtype and out.shape == t.shape
+    assert torch.equal(out[mask], t[mask])
+    assert (out[~mask] == 0).all() and not torch.signbit(out[~mask]).any()
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

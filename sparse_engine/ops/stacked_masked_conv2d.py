@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.masked_conv2d import _is_int, _out_size, _pair
-from sparse_engine.ops.stacked_mask import unpack_stacked_mask, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_mask import apply_stacked_mask, unpack_stacked_mask_ref
 from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
 
 
@@ -80,8 +80,7 @@ def _stacked(t: Tensor, s: int) -> Tensor:
 
 
 def _flat_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
-    wm = torch.where(unpack_stacked_mask(mask_bits, weight.shape), weight, 0)
-    return wm.reshape(-1, *weight.shape[2:])
+    return apply_stacked_mask(weight, mask_bits).reshape(-1, *weight.shape[2:])
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -128,7 +127,7 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[in
     s = weight_shape[0]
     dw = torch.nn.grad.conv2d_weight(_side_by_side(x), [s * weight_shape[1]] + weight_shape[2:], _side_by_side(dy),
                                      stride, padding, dilation, groups * s).reshape(weight_shape)
-    return dw.masked_fill_(~unpack_stacked_mask(mask_bits, weight_shape), 0).contiguous()
+    return apply_stacked_mask(dw, mask_bits)
 
 
 @_grad_weight.register_fake

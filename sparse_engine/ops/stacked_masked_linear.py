@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.masked_linear import _FLOAT_DTYPES, _use_tf32
-from sparse_engine.ops.stacked_mask import check_stacked_mask_bits, unpack_stacked_mask, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_mask import apply_stacked_mask, check_stacked_mask_bits, unpack_stacked_mask_ref
 
 
 def check_stacked_weight(weight: Tensor, mask_bits: Tensor, device: torch.device, rank: int) -> None:
@@ -82,10 +82,6 @@ def stacked_masked_linear_ref(x: Tensor, weight: Tensor, mask_bits: Tensor, bias
                         for i in range(weight.shape[0])])
 
 
-def _masked(weight: Tensor, mask_bits: Tensor) -> Tensor:
-    return torch.where(unpack_stacked_mask(mask_bits, weight.shape), weight, 0)
-
-
 # ---- forward -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("sparse_engine::stacked_masked_linear", mutates_args=())
@@ -95,7 +91,7 @@ def _stacked_masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: O
 
 @_stacked_masked_linear.register_kernel("cpu")
 def _(x, weight, mask_bits, bias):
-    wt = _masked(weight, mask_bits).transpose(1, 2)
+    wt = apply_stacked_mask(weight, mask_bits).transpose(1, 2)
     if bias is None:
         return torch.bmm(x, wt)
     return torch.baddbmm(bias.unsqueeze(1), x, wt)
@@ -121,7 +117,7 @@ def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor) -> Tensor:
 
 @_grad_input.register_kernel("cpu")
 def _(dy, weight, mask_bits):
-    return torch.bmm(dy, _masked(weight, mask_bits))
+    return torch.bmm(dy, apply_stacked_mask(weight, mask_bits))
 
 
 @_grad_input.register_kernel("cuda")
@@ -145,8 +141,7 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor) -> Tensor:
 
 @_grad_weight.register_kernel("cpu")
 def _(dy, x, mask_bits):
-    dw = torch.bmm(dy.transpose(1, 2), x)
-    return dw.masked_fill_(~unpack_stacked_mask(mask_bits, dw.shape), 0)
+    return apply_stacked_mask(torch.bmm(dy.transpose(1, 2), x), mask_bits)
 
 
 @_grad_weight.register_kernel("cuda")

@@ -12,7 +12,7 @@ slice ``[k]``. :class:`PerModelLR` drives each model's learning rate by its own 
 """
 import math
 import warnings
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -200,9 +200,10 @@ class PerModelLR:
 class StackedMaskedOptimizer(MaskedOptimizer):
     """``MaskedOptimizer`` over the per-model masks of a stacked model's masked layers (the handle of
     :func:`mask_stacked_optimizer`): before each step the state of entries newly pruned in any model is
-    zeroed, after it every model's pruned weights are set to zero."""
+    zeroed; after it, with ``zero_after_step``, every model's pruned weights are set to zero."""
 
-    def __init__(self, optimizer: Optimizer, stacked: StackedModel):
+    def __init__(self, optimizer: Optimizer, stacked: StackedModel, zero_after_step: bool = True):
+        self.zero_after_step = zero_after_step
         # the parent's __init__ finds sparse layers with sparse_modules; here the units are stacked layers
         layers = {id(m.weight): m for _, m in stacked.masked_layers()}
         if not layers:
@@ -215,12 +216,25 @@ class StackedMaskedOptimizer(MaskedOptimizer):
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
+    def _after_step(self, optimizer, args, kwargs):
+        if self.zero_after_step:
+            self.apply_masks()
 
-def mask_stacked_optimizer(optimizer: Optimizer, stacked: StackedModel) -> StackedMaskedOptimizer:
+
+def mask_stacked_optimizer(optimizer: Optimizer, stacked: StackedModel,
+                           zero_after_step: Optional[bool] = None) -> StackedMaskedOptimizer:
     """``mask_optimizer`` for a stacked model: keeps each model's pruned weights and their optimizer state
-    exactly zero across ``optimizer`` steps (any optimizer over ``stacked``'s parameters)."""
+    exactly zero across ``optimizer`` steps (any optimizer over ``stacked``'s parameters).
+
+    ``zero_after_step`` (default: True except for ``StackedSGD``/``StackedAdamW``): zero the pruned weights
+    after every step. The stacked optimizers' update is exactly zero at pruned positions (the stacked
+    layers' weight gradient is an exact zero there, the state there is cleared when a mask changes, and
+    weight decay of a zero weight is zero), so for them the pass over every weight is skipped.
+    """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not isinstance(stacked, StackedModel):
         raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
-    return StackedMaskedOptimizer(optimizer, stacked)
+    if zero_after_step is None:
+        zero_after_step = not isinstance(optimizer, _StackedOptimizer)
+    return StackedMaskedOptimizer(optimizer, stacked, bool(zero_after_step))
