@@ -7,9 +7,9 @@ Shapes (S models stacked along a leading axis): x (S, M, K), weight (S, N, K), m
     stacked_masked_linear_bwd_input  dX[s] = dY[s] @ (W[s]*M[s])          (S, M, K)
     stacked_masked_linear_bwd_weight dW[s] = (dY[s]^T @ X[s]) * M[s]      (S, N, K)
 
-The kernels are those of ``kernels/masked_linear.py`` (same tiles, mask expansion in registers,
-autotune configs and pruning) with a second grid axis over the S models: program (tile, s) offsets
-every pointer by model s's stride. Each model has its own mask, so one launch trains S differently
+The kernels are those of ``kernels/masked_linear.py`` (its per-program tile functions, autotune
+configs and pruning) with a second grid axis over the S models: program (tile, s) runs the
+single-model tile on model s's operands (every pointer offset by model s's stride). Each model has its own mask, so one launch trains S differently
 pruned models. Operands may have arbitrary 3-D strides (a stride of 0 along S broadcasts one input
 to every model).
 """
@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from sparse_engine.kernels.masked_linear import (_BWD_INPUT, _BWD_WEIGHT, _DTYPES, _FWD, _INTERPRET, _KEY,
-                                                 _expand_bits, _grouped_tile, _on_device_of, _precision, _pruner)
+                                                 _bwd_input_tile, _bwd_weight_tile, _fwd_tile, _on_device_of,
+                                                 _precision, _pruner)
 
 
 @triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_K", "x_ptr")})
@@ -32,41 +33,11 @@ def _stacked_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     s = tl.program_id(1).to(tl.int64)
-    x_ptr += s * stride_xs
-    w_ptr += s * stride_ws
-    bits_ptr += s * stride_bits_s
-    bias_ptr += s * stride_bias_s
-    y_ptr += s * stride_ys
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_word = tl.arange(0, BLOCK_K // 32)
-    num_words = tl.cdiv(K, 32)
-
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
-    bits_ptrs = bits_ptr + offs_n[:, None].to(tl.int64) * stride_bits_n + offs_word[None, :] * stride_bits_w
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kt * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        words = tl.load(bits_ptrs, mask=offs_word[None, :] < num_words - kt * (BLOCK_K // 32), other=0)
-        w = tl.where(_expand_bits(words, BLOCK_N, BLOCK_K), w, 0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-        bits_ptrs += (BLOCK_K // 32) * stride_bits_w
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias_n, mask=offs_n < N, other=0.0)
-        acc += bias[None, :].to(acc.dtype)
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _fwd_tile(
+        x_ptr + s * stride_xs, w_ptr + s * stride_ws, bits_ptr + s * stride_bits_s, bias_ptr + s * stride_bias_s,
+        y_ptr + s * stride_ys, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits_n, stride_bits_w,
+        stride_bias_n, stride_ym, stride_yn, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+    )
 
 
 @triton.autotune(configs=_BWD_INPUT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "dy_ptr")})
@@ -80,37 +51,11 @@ def _stacked_bwd_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     s = tl.program_id(1).to(tl.int64)
-    dy_ptr += s * stride_dys
-    w_ptr += s * stride_ws
-    bits_ptr += s * stride_bits_s
-    dx_ptr += s * stride_dxs
-    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_word = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-    word_ok = offs_word[None, :] < tl.cdiv(K, 32)
-
-    dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :].to(tl.int64) * stride_wk
-    bits_ptrs = bits_ptr + offs_n[:, None] * stride_bits_n + offs_word[None, :] * stride_bits_w
-
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32)
-    for nt in range(0, tl.cdiv(N, BLOCK_N)):
-        n_ok = offs_n < N - nt * BLOCK_N
-        dy = tl.load(dy_ptrs, mask=n_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        words = tl.load(bits_ptrs, mask=n_ok[:, None] & word_ok, other=0)
-        w = tl.where(_expand_bits(words, BLOCK_N, BLOCK_K), w, 0.0)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        dy_ptrs += BLOCK_N * stride_dyn
-        w_ptrs += BLOCK_N * stride_wn
-        bits_ptrs += BLOCK_N * stride_bits_n
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    _bwd_input_tile(
+        dy_ptr + s * stride_dys, w_ptr + s * stride_ws, bits_ptr + s * stride_bits_s, dx_ptr + s * stride_dxs,
+        M, N, K, stride_dym, stride_dyn, stride_wn, stride_wk, stride_bits_n, stride_bits_w, stride_dxm, stride_dxk,
+        PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+    )
 
 
 @triton.autotune(configs=_BWD_WEIGHT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "x_ptr")})
@@ -124,40 +69,11 @@ def _stacked_bwd_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     s = tl.program_id(1).to(tl.int64)
-    dy_ptr += s * stride_dys
-    x_ptr += s * stride_xs
-    bits_ptr += s * stride_bits_s
-    dw_ptr += s * stride_dws
-    pid_n, pid_k = _grouped_tile(N, K, BLOCK_N, BLOCK_K, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_word = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-    words = tl.load(
-        bits_ptr + rows[:, None].to(tl.int64) * stride_bits_n + offs_word[None, :] * stride_bits_w,
-        mask=(rows[:, None] < N) & (offs_word[None, :] < tl.cdiv(K, 32)), other=0,
+    _bwd_weight_tile(
+        dy_ptr + s * stride_dys, x_ptr + s * stride_xs, bits_ptr + s * stride_bits_s, dw_ptr + s * stride_dws,
+        M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk, stride_bits_n, stride_bits_w, stride_dwn, stride_dwk,
+        PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
     )
-    keep = _expand_bits(words, BLOCK_N, BLOCK_K)
-    # A tile whose weights are all pruned is zero whatever dY and X hold: skip its reduction.
-    any_kept = tl.max((words != 0).to(tl.int32))
-
-    offs_n = rows % N
-    offs_k = cols % K
-    offs_m = tl.arange(0, BLOCK_M)
-    dyt_ptrs = dy_ptr + offs_n[:, None].to(tl.int64) * stride_dyn + offs_m[None, :] * stride_dym
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32)
-    for mt in range(0, tl.cdiv(M, BLOCK_M) * any_kept):
-        m_left = M - mt * BLOCK_M
-        dyt = tl.load(dyt_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
-        x = tl.load(x_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
-        acc = tl.dot(dyt, x, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        dyt_ptrs += BLOCK_M * stride_dym
-        x_ptrs += BLOCK_M * stride_xm
-
-    dw = tl.where(keep, acc, 0.0).to(dw_ptr.dtype.element_ty)
-    dw_ptrs = dw_ptr + rows[:, None].to(tl.int64) * stride_dwn + cols[None, :] * stride_dwk
-    tl.store(dw_ptrs, dw, mask=(rows[:, None] < N) & (cols[None, :] < K))
 
 
 # ---- launchers ----------------------------------------------------------------------------------
