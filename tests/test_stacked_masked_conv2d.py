@@ -99,3 +99,28 @@ def test_bad_input():
         stacked_masked_conv2d(x, w, bits, b[0])
     with pytest.raises(ValueError, match="smaller than the kernel's span"):
         stacked_masked_conv2d(x[..., :2, :], w, bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 products, as the reference
+    x, w, mask, b, conv = (t.cuda().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                           for t in make_case(case))
+    mask = mask.cuda()
+    bits = pack_stacked_mask(mask)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    y = stacked_masked_conv2d(x, w, bits, b, **conv)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = stacked_masked_conv2d_ref(*l64[:2], bits, l64[2], **conv)
+    ref.backward(dy.double())
+    lp = [t.detach().clone().requires_grad_() for t in leaves]
+    lowp = torch.stack([torch.nn.functional.conv2d(lp[0][i], lp[1][i] * mask[i], lp[2][i], **conv)
+                        for i in range(x.shape[0])])
+    lowp.backward(dy)
+    assert_matches_ref(y, ref, lowp, torch.float32)
+    for got, r64, base in zip(leaves, l64, lp):
+        assert_matches_ref(got.grad, r64.grad, base.grad, torch.float32)
+    assert (w.grad[~mask] == 0).all()

@@ -170,3 +170,27 @@ def test_triton_launcher_rejects_bad_mask(triton_device):
     bits = pack_stacked_mask(mask)
     with pytest.raises(ValueError, match=r"mask_bits: expected shape \(2, 5, 2\)"):
         stacked_masked_linear_fwd(x, w, bits[:, :, :1])
+
+
+# ---- on a lent GPU ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES + [(16, 128, 300, 784)], ids=case_id)
+def test_cuda_op_matches_reference(shape, dtype):
+    x, w, mask, b = make_case(*shape, dtype=dtype, device="cuda")
+    bits = pack_stacked_mask(mask)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    y = stacked_masked_linear(x, w, bits, b)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = stacked_masked_linear_ref(l64[0], l64[1], bits, l64[2])
+    ref.backward(dy.double())
+    lp = [t.detach().clone().requires_grad_() for t in leaves]
+    lowp = torch.stack([torch.nn.functional.linear(lp[0][i], lp[1][i] * mask[i], lp[2][i]) for i in range(shape[0])])
+    lowp.backward(dy)
+    assert_matches_ref(y, ref, lowp, dtype)
+    for got, r64, base in zip(leaves, l64, lp):
+        assert_matches_ref(got.grad, r64.grad, base.grad, dtype)
+    assert (w.grad[~mask] == 0).all()

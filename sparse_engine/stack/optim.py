@@ -66,6 +66,21 @@ class _StackedOptimizer(Optimizer):
                 if p.shape[0] != self.num_models:
                     raise ValueError(f"params: expected a leading model axis of {self.num_models}, got {tuple(p.shape)}")
 
+    @torch.no_grad()
+    def step(self, closure: Callable = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    self._update(p, g)
+        return loss
+
+    def _update(self, p: Tensor, g: dict) -> None:
+        raise NotImplementedError
+
     @staticmethod
     def _view(values: Tensor, p: Tensor) -> Tensor:
         return values.to(device=p.device, dtype=p.dtype).view(-1, *([1] * (p.dim() - 1)))
@@ -88,29 +103,19 @@ class StackedSGD(_StackedOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov))
 
-    @torch.no_grad()
-    def step(self, closure: Callable = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad
-                if g["weight_decay"].any():
-                    d_p = d_p + self._view(g["weight_decay"], p) * p
-                if g["momentum"] != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d_p.detach().clone()
-                    else:
-                        buf.mul_(g["momentum"]).add_(d_p, alpha=1 - g["dampening"])
-                    d_p = d_p.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf
-                p.sub_(self._view(g["lr"], p) * d_p)
-        return loss
+    def _update(self, p: Tensor, g: dict) -> None:
+        d_p = p.grad
+        if g["weight_decay"].any():
+            d_p = d_p + self._view(g["weight_decay"], p) * p
+        if g["momentum"] != 0:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d_p.detach().clone()
+            else:
+                buf.mul_(g["momentum"]).add_(d_p, alpha=1 - g["dampening"])
+            d_p = d_p.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf
+        p.sub_(self._view(g["lr"], p) * d_p)
 
 
 class StackedAdamW(_StackedOptimizer):
@@ -124,31 +129,21 @@ class StackedAdamW(_StackedOptimizer):
             raise ValueError(f"eps: expected a value >= 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            beta1, beta2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"].item()
-                lr = self._view(g["lr"], p)
-                p.mul_(1 - lr * self._view(g["weight_decay"], p))
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(g["eps"])
-                p.sub_(lr / (1 - beta1 ** step) * (state["exp_avg"] / denom))
-        return loss
+    def _update(self, p: Tensor, g: dict) -> None:
+        beta1, beta2 = g["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = state["step"].item()
+        lr = self._view(g["lr"], p)
+        p.mul_(1 - lr * self._view(g["weight_decay"], p))
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(g["eps"])
+        p.sub_(lr / (1 - beta1 ** step) * (state["exp_avg"] / denom))
 
 
 class PerModelLR:
