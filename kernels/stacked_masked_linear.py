@@ -9,7 +9,8 @@ Shapes (S models stacked along a leading axis): x (S, M, K), weight (S, N, K), m
 
 The kernels are those of ``kernels/masked_linear.py`` (its per-program tile functions, autotune
 configs and pruning) with a second grid axis over the S models: program (tile, s) runs the
-single-model tile on model s's operands (every pointer offset by model s's stride). Each model has its own mask, so one launch trains S differently
+single-model tile on model s's operands (every pointer offset by model s's stride). Each model
+has its own mask, so one launch trains S differently
 pruned models. Operands may have arbitrary 3-D strides (a stride of 0 along S broadcasts one input
 to every model).
 """

@@ -51,7 +51,8 @@ def run_stacked(stacked, make_opt, batches, schedules):
         if t == 2:  # the same new masks as the separate runs draw
             for i in range(K):
                 torch.manual_seed(100 + i)
-                masks = [torch.rand(layer.weight.shape[1:]) >= torch.rand(1) * 0.9 for _, layer in stacked.masked_layers()]
+                masks = [torch.rand(layer.weight.shape[1:]) >= torch.rand(1) * 0.9
+                         for _, layer in stacked.masked_layers()]
                 for (_, layer), mask in zip(stacked.masked_layers(), masks):
                     full = layer.mask
                     full[i] = mask

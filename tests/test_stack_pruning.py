@@ -48,7 +48,8 @@ def batches_for(name, k):
              torch.randint(0, 5, (k, 6), generator=g)) for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("methods", [["oneshot", "gmp", "imp-clr", "imp-rewind"], ["cyclical", "fggp", "gmp-uniform", "oneshot-erk"]],
+@pytest.mark.parametrize("methods", [["oneshot", "gmp", "imp-clr", "imp-rewind"],
+                                     ["cyclical", "fggp", "gmp-uniform", "oneshot-erk"]],
                          ids=["oneshot-gmp-imp-imprewind", "cyclical-fggp-gmp-erk"])
 def test_stacked_pruning_equals_separate_runs(methods, monkeypatch):
     k = len(methods)

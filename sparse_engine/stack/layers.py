@@ -168,7 +168,8 @@ class StackedBatchNorm(StackedLayer):
         use_batch = self.training or not self.track_running_stats
         flat = lambda t: None if t is None else t.view(-1)
         tracked = self.track_running_stats
-        y = F.batch_norm(side, flat(self.running_mean) if tracked else None, flat(self.running_var) if tracked else None,
+        y = F.batch_norm(side, flat(self.running_mean) if tracked else None,
+                         flat(self.running_var) if tracked else None,
                          flat(self.weight), flat(self.bias), use_batch, self.momentum or 0.0, self.eps)
         return y.reshape(b, s, c, *x.shape[3:]).transpose(0, 1)
 

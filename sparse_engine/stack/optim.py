@@ -64,7 +64,8 @@ class _StackedOptimizer(Optimizer):
                 group[key] = _per_model(group[key], key, self.num_models)
             for p in group["params"]:
                 if p.shape[0] != self.num_models:
-                    raise ValueError(f"params: expected a leading model axis of {self.num_models}, got {tuple(p.shape)}")
+                    raise ValueError(f"params: expected a leading model axis of {self.num_models}, "
+                                     f"got {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure: Callable = None):

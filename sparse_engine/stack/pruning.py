@@ -252,7 +252,8 @@ class StackedPruners:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
             _prune_module.select = _dispatching_select
             try:
-                threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}") for k in range(k_models)]
+                threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}")
+                           for k in range(k_models)]
                 for t in threads:
                     t.start()
                 for t in threads:
