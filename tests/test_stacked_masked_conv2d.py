@@ -25,10 +25,8 @@ def make_case(c, dtype=torch.float64):
     return x, wt, mask, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_backward_match_reference(case, dtype):
-    x, w, mask, b, conv = make_case(case, dtype)
+def check_against_reference(x, w, mask, b, conv):
+    """Forward and all gradients against the float64 loop reference (fp64: to 1e-12; else the tolerance rule)."""
     bits = pack_stacked_mask(mask)
     leaves = [t.requires_grad_() for t in (x, w, b)]
     y = stacked_masked_conv2d(x, w, bits, b, **conv)
@@ -41,14 +39,21 @@ def test_forward_backward_match_reference(case, dtype):
     lowp = torch.stack([torch.nn.functional.conv2d(lp[0][i], lp[1][i] * mask[i], lp[2][i], **conv)
                         for i in range(x.shape[0])])
     lowp.backward(dy)
-    if dtype == torch.float64:
+    if x.dtype == torch.float64:
         for got, r in zip((y, *(t.grad for t in leaves)), (ref, *(t.grad for t in l64))):
             torch.testing.assert_close(got, r, rtol=1e-12, atol=1e-12)
     else:
-        assert_matches_ref(y, ref, lowp, dtype)
+        assert_matches_ref(y, ref, lowp, x.dtype)
         for got, r, base in zip(leaves, l64, lp):
-            assert_matches_ref(got.grad, r.grad, base.grad, dtype)
+            assert_matches_ref(got.grad, r.grad, base.grad, x.dtype)
     assert (w.grad[~mask] == 0).all(), "pruned entries of dW must be exact zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward_match_reference(case, dtype):
+    x, w, mask, b, conv = make_case(case, dtype)
+    check_against_reference(x, w, mask, b, conv)
 
 
 def test_gradcheck_fp64():
@@ -107,20 +112,4 @@ def test_cuda_matches_reference(case, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 products, as the reference
     x, w, mask, b, conv = (t.cuda().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                            for t in make_case(case))
-    mask = mask.cuda()
-    bits = pack_stacked_mask(mask)
-    leaves = [t.requires_grad_() for t in (x, w, b)]
-    y = stacked_masked_conv2d(x, w, bits, b, **conv)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    l64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref = stacked_masked_conv2d_ref(*l64[:2], bits, l64[2], **conv)
-    ref.backward(dy.double())
-    lp = [t.detach().clone().requires_grad_() for t in leaves]
-    lowp = torch.stack([torch.nn.functional.conv2d(lp[0][i], lp[1][i] * mask[i], lp[2][i], **conv)
-                        for i in range(x.shape[0])])
-    lowp.backward(dy)
-    assert_matches_ref(y, ref, lowp, torch.float32)
-    for got, r64, base in zip(leaves, l64, lp):
-        assert_matches_ref(got.grad, r64.grad, base.grad, torch.float32)
-    assert (w.grad[~mask] == 0).all()
+    check_against_reference(x, w, mask.cuda(), b, conv)
