@@ -142,9 +142,8 @@ def _expand_bits(words, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.reshape(bits, (ROWS, BLOCK_K)) != 0
 
 
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_K", "x_ptr")})
 @triton.jit
-def _masked_linear_fwd_kernel(
+def _fwd_tile(
     x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits_n, stride_bits_w, stride_bias,
@@ -152,6 +151,7 @@ def _masked_linear_fwd_kernel(
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """The forward's work for one program (the stacked kernels call it on model s's operands)."""
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP)
     # Rows past the edge wrap around (their results are never stored), so only K needs load masks.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -185,9 +185,24 @@ def _masked_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_BWD_INPUT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "dy_ptr")})
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_K", "x_ptr")})
 @triton.jit
-def _masked_linear_bwd_input_kernel(
+def _masked_linear_fwd_kernel(
+    x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bits_n, stride_bits_w, stride_bias,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    _fwd_tile(
+        x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_bits_n,
+        stride_bits_w, stride_bias, stride_ym, stride_yn, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+    )
+
+
+@triton.jit
+def _bwd_input_tile(
     dy_ptr, w_ptr, bits_ptr, dx_ptr,
     M, N, K,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bits_n, stride_bits_w,
@@ -195,6 +210,7 @@ def _masked_linear_bwd_input_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """dX's work for one program (the stacked kernels call it on model s's operands)."""
     pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K
@@ -225,9 +241,24 @@ def _masked_linear_bwd_input_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=_BWD_WEIGHT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "x_ptr")})
+@triton.autotune(configs=_BWD_INPUT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "dy_ptr")})
 @triton.jit
-def _masked_linear_bwd_weight_kernel(
+def _masked_linear_bwd_input_kernel(
+    dy_ptr, w_ptr, bits_ptr, dx_ptr,
+    M, N, K,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bits_n, stride_bits_w,
+    stride_dxm, stride_dxk,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    _bwd_input_tile(
+        dy_ptr, w_ptr, bits_ptr, dx_ptr, M, N, K, stride_dym, stride_dyn, stride_wn, stride_wk, stride_bits_n,
+        stride_bits_w, stride_dxm, stride_dxk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+    )
+
+
+@triton.jit
+def _bwd_weight_tile(
     dy_ptr, x_ptr, bits_ptr, dw_ptr,
     M, N, K,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_bits_n, stride_bits_w,
@@ -235,6 +266,7 @@ def _masked_linear_bwd_weight_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """dW's work for one program (the stacked kernels call it on model s's operands)."""
     pid_n, pid_k = _grouped_tile(N, K, BLOCK_N, BLOCK_K, GROUP)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -266,6 +298,22 @@ def _masked_linear_bwd_weight_kernel(
     dw = tl.where(keep, acc, 0.0).to(dw_ptr.dtype.element_ty)
     dw_ptrs = dw_ptr + rows[:, None].to(tl.int64) * stride_dwn + cols[None, :] * stride_dwk
     tl.store(dw_ptrs, dw, mask=(rows[:, None] < N) & (cols[None, :] < K))
+
+
+@triton.autotune(configs=_BWD_WEIGHT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "x_ptr")})
+@triton.jit
+def _masked_linear_bwd_weight_kernel(
+    dy_ptr, x_ptr, bits_ptr, dw_ptr,
+    M, N, K,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_bits_n, stride_bits_w,
+    stride_dwn, stride_dwk,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    _bwd_weight_tile(
+        dy_ptr, x_ptr, bits_ptr, dw_ptr, M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk, stride_bits_n,
+        stride_bits_w, stride_dwn, stride_dwk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP,
+    )
 
 
 # ---- launchers ----------------------------------------------------------------------------------

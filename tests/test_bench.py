@@ -500,3 +500,41 @@ def test_sweep_bench_smoke_run_writes_overhead_and_throughput(tmp_path):
         (overhead["runner"]["seconds"] - overhead["bare"]["seconds"]) / 3)
     assert sorted(r["workers"] for r in rows if r["section"] != "overhead") == [1, 2, 4]
     assert "| runner | 3 |" in next(tmp_path.glob("sweep_cpu-*.md")).read_text()
+
+# ---- bench/bench_stack.py ------------------------------------------------------------------------
+
+STACK_SCRIPT = REPO / "bench" / "bench_stack.py"
+
+
+@pytest.fixture
+def stack_bench(monkeypatch):
+    return import_bench(monkeypatch, STACK_SCRIPT)
+
+
+def test_stack_cpu_quick_run_writes_rows_and_table(tmp_path, stack_bench):
+    cmd = [sys.executable, str(STACK_SCRIPT), "--device", "cpu", "--quick", "--out-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (path,) = tmp_path.glob("stack_cpu-*.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {(r["model"], r["k"], r["method"]) for r in rows} == {
+        (m, k, x) for m in stack_bench.MODELS for k in stack_bench.QUICK_KS for x in ("sequential", "stacked")}
+    by = {(r["model"], r["k"], r["method"]): r for r in rows}
+    for r in rows:
+        for key in ("date", "device", "torch", "git_sha", "load_avg_1min"):
+            assert r[key] is not None, key
+        assert r["quick"] is True and r["batch"] == 16 and r["timer"] == "perf_counter"
+        assert r["ms"] > 0 and math.isfinite(r["ms"]) and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert r["model_steps_per_s"] == pytest.approx(r["k"] / r["ms"] * 1e3)
+        assert r["speedup"] == pytest.approx(by[r["model"], r["k"], "sequential"]["ms"] / r["ms"])
+        assert r["peak_bytes"] >= 0
+    table = next(tmp_path.glob("stack_cpu-*.md")).read_text()
+    assert "| mlp | 4 |" in table and "| cnn | 1 |" in table
+
+
+def test_stack_guard_stops_a_stacked_step_that_differs(stack_bench, monkeypatch):
+    stack_bench.guard(torch.device("cpu"))  # passes as is
+    broken = lambda self, i: self.stacked(self.batches[i % 2][0]).sum().backward()  # no optimizer step
+    monkeypatch.setattr(stack_bench.Case, "stacked_step", broken)
+    with pytest.raises(SystemExit, match="CORRECTNESS GUARD FAILED: model 0"):
+        stack_bench.guard(torch.device("cpu"))

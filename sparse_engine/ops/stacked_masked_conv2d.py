@@ -1,0 +1,161 @@
+"""``sparse_engine::stacked_masked_conv2d``: S masked 2-D convolutions, one per stacked model, in one call.
+
+``y[s] = conv2d(x[s], W[s]*M[s]) + b[s]`` for s < S. The S convolutions run as **one grouped
+convolution** with ``groups = S * groups``: the models' channels are laid side by side
+(``(B, S*C, H, W)``), and each group of the grouped convolution sees only its own model's
+channels and weights, so the result is exactly S separate convolutions, computed by one cuDNN /
+oneDNN call. This is the kernel on every device (CPU and CUDA): ``W*M`` is built as a temporary of
+the weight's size for the call (convolution weights are small next to activations), autograd
+saves only x, W and the packed masks, and the weight gradient is ``conv2d_weight(...) * M``,
+exact zeros at pruned positions. There is no Triton kernel for the stacked convolution yet: the
+single-model implicit-GEMM kernels of ``kernels/masked_conv2d.py`` would need a model axis.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_engine.ops.autocast import autocast_inputs
+from sparse_engine.ops.masked_conv2d import _is_int, _out_size, _pair
+from sparse_engine.ops.stacked_mask import apply_stacked_mask, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
+
+
+def stacked_masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None,
+                          stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv2d(x[s], W[s]*M[s], b[s], stride, padding, dilation, groups)`` for every stacked model s.
+
+    Args:
+        x: ``(S, B, C, H, W)``.
+        weight: ``(S, Co, C/groups, kH, kW)``, same dtype and device as ``x``.
+        mask_bits: ``int32 (S, Co, ceil(C/groups*kH*kW/32))`` (``pack_stacked_mask``).
+        bias: ``(S, Co)`` or None.
+        stride, padding, dilation: int or pair of ints (zero padding).
+    Returns:
+        ``(S, B, Co, OH, OW)``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
+    check_stacked_weight(weight, mask_bits, x.device, 5)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
+    s, co = weight.shape[:2]
+    if not _is_int(groups) or groups < 1 or co % groups:
+        raise ValueError(f"groups: expected a positive int dividing out_channels={co}, got {groups!r}")
+    if x.dim() != 5 or x.shape[0] != s or x.shape[2] != weight.shape[2] * groups:
+        raise ValueError(f"x: expected shape ({s}, B, {weight.shape[2] * groups}, H, W), got {tuple(x.shape)}")
+    check_stacked_bias(bias, (s, co), x.dtype, x.device)
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride/dilation must be >= 1 and padding >= 0, got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    for i, name in enumerate(("height", "width")):
+        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
+        if x.shape[3 + i] + 2 * padding[i] < span:
+            raise ValueError(f"x: padded input {name} {x.shape[3 + i] + 2 * padding[i]} is smaller than the "
+                             f"kernel's span {span}")
+    return torch.ops.sparse_engine.stacked_masked_conv2d(x, weight, mask_bits, bias, stride, padding, dilation,
+                                                         groups)
+
+
+def stacked_masked_conv2d_ref(x, weight, mask_bits, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Readable reference: a loop of ``F.conv2d`` over the models on ``W[s]*M[s]`` (run it in float64)."""
+    mask = unpack_stacked_mask_ref(mask_bits, weight.shape)
+    return torch.stack([F.conv2d(x[i], weight[i] * mask[i], None if bias is None else bias[i], stride, padding,
+                                 dilation, groups) for i in range(weight.shape[0])])
+
+
+# The grouped-convolution layout: (S, B, C, H, W) <-> (B, S*C, H, W) and (S, Co, ...) <-> (S*Co, ...).
+
+def _side_by_side(t: Tensor) -> Tensor:
+    s, b, c, h, w = t.shape
+    return t.transpose(0, 1).reshape(b, s * c, h, w)
+
+
+def _stacked(t: Tensor, s: int) -> Tensor:
+    b, sc, h, w = t.shape
+    return t.reshape(b, s, sc // s, h, w).transpose(0, 1).contiguous()
+
+
+def _flat_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
+    return apply_stacked_mask(weight, mask_bits).reshape(-1, *weight.shape[2:])
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparse_engine::stacked_masked_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
+def _stacked_masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor], stride: list[int],
+                           padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    s = weight.shape[0]
+    y = F.conv2d(_side_by_side(x), _flat_weight(weight, mask_bits), None if bias is None else bias.reshape(-1),
+                 stride, padding, dilation, groups * s)
+    return _stacked(y, s)
+
+
+@_stacked_masked_conv2d.register_fake
+def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
+    oh = _out_size(x.shape[3], weight.shape[3], stride[0], padding[0], dilation[0])
+    ow = _out_size(x.shape[4], weight.shape[4], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[1], oh, ow))
+
+
+# ---- backward: dX --------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparse_engine::stacked_masked_conv2d_grad_input", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor, x_shape: list[int], stride: list[int],
+                padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    s, b, c, h, w = x_shape
+    dx = torch.nn.grad.conv2d_input([b, s * c, h, w], _flat_weight(weight, mask_bits), _side_by_side(dy),
+                                    stride, padding, dilation, groups * s)
+    return _stacked(dx, s)
+
+
+@_grad_input.register_fake
+def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
+    return dy.new_empty(x_shape)
+
+
+# ---- backward: dW = conv2d_weight(x, dY) * M -----------------------------------------------------
+
+@torch.library.custom_op("sparse_engine::stacked_masked_conv2d_grad_weight", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[int], stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    s = weight_shape[0]
+    dw = torch.nn.grad.conv2d_weight(_side_by_side(x), [s * weight_shape[1]] + weight_shape[2:], _side_by_side(dy),
+                                     stride, padding, dilation, groups * s).reshape(weight_shape)
+    return apply_stacked_mask(dw, mask_bits)
+
+
+@_grad_weight.register_fake
+def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
+    return dy.new_empty(weight_shape)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    x, weight, mask_bits, bias, stride, padding, dilation, groups = inputs
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+    ctx.x_shape = list(x.shape)
+    ctx.weight_shape = list(weight.shape)
+    ctx.save_for_backward(x, weight, mask_bits)
+
+
+def _backward(ctx, dy):
+    x, weight, mask_bits = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.sparse_engine.stacked_masked_conv2d_grad_input(dy, weight, mask_bits, ctx.x_shape, *ctx.conv)
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.sparse_engine.stacked_masked_conv2d_grad_weight(dy, x, mask_bits, ctx.weight_shape, *ctx.conv)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = dy.sum((1, 3, 4))
+    return dx, dw, None, db, None, None, None, None
+
+
+_stacked_masked_conv2d.register_autograd(_backward, setup_context=_setup_context)

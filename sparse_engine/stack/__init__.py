@@ -1,0 +1,37 @@
+"""Model stacking: K pruning runs of one architecture trained as one batched model, each with its own masks.
+
+**Mechanism: per-layer stacked modules.** ``stack(models)`` replaces every layer of a copy of the
+models' module tree by a stacked layer holding all K models' tensors with a leading model axis
+(``weight (K, *shape)``, ``mask_bits (K, rows, words)``, BatchNorm's ``running_mean (K, C)``) and
+computing all K models in one call: the stacked masked ops (``stacked_masked_linear``: one
+batched GEMM or one Triton launch over K; ``stacked_masked_conv2d``: one grouped convolution),
+BatchNorm as one ``F.batch_norm`` over the K models' channels side by side. We chose this over
+``torch.func.stack_module_state`` + ``vmap`` because:
+
+* BatchNorm's in-place running statistics break under ``vmap`` (functorch#505, #867, pytorch#85533);
+  a stacked BatchNorm updates per-model running statistics with ordinary in-place ops.
+* ``vmap`` over this library's custom ops would need batching rules that either loop over the
+  models (K launches, the overhead stacking exists to remove) or call a batched kernel: the stacked
+  ops here are those kernels, called directly.
+* The stacked model is an ordinary ``nn.Module`` with ordinary Parameters: optimizers, state_dict,
+  ``torch.compile(fullgraph=True)`` and checkpoints work unchanged, and per-model optimisation and
+  pruning (``sparse_engine.stack.optim``, ``sparse_engine.stack.pruning``) read the model axis.
+
+Containers (``nn.Sequential``, a user's residual block) are kept and run their own ``forward`` on
+``(K, B, ...)`` tensors: element-wise code (``torch.relu(out + shortcut(x))``) works as written.
+A container whose ``forward`` calls functions that assume the batch is dimension 0
+(``torch.flatten(x, 1)``, ``F.adaptive_avg_pool2d``) needs those as modules (``nn.Flatten``,
+``nn.AdaptiveAvgPool2d``), which are stacked. Layers with parameters that have no stacked
+version (Conv1d/3d, ConvTranspose, Embedding, Bilinear, LSTM/GRU/RNN, MultiheadAttention) are
+refused by name.
+"""
+from sparse_engine.ops.stacked_mask import pack_stacked_mask, unpack_stacked_mask
+from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d, stacked_masked_conv2d_ref
+from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear, stacked_masked_linear_ref
+from sparse_engine.stack.convert import StackedModel, stack, unstack
+from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedConv2d, StackedLayerNorm, StackedLinear,
+                                        StackedMaskedLayer)
+
+__all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv2d", "StackedBatchNorm",
+           "StackedLayerNorm", "StackedMaskedLayer", "PerSample", "stacked_masked_linear", "stacked_masked_linear_ref",
+           "stacked_masked_conv2d", "stacked_masked_conv2d_ref", "pack_stacked_mask", "unpack_stacked_mask"]

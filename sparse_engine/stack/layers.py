@@ -1,0 +1,229 @@
+"""Stacked layers: one module holding the same layer of S models, computing all S on ``(S, B, ...)`` inputs.
+
+Every stacked layer keeps each Parameter and buffer of the S models as one tensor with a leading
+model axis (``weight (S, *shape)``), built by ``from_modules`` from S ordinary layers and given
+back by ``unstacked(i)`` as an ordinary sparse layer, bit-identical. Masked layers
+(:class:`StackedLinear`, :class:`StackedConv2d`) hold one bit-packed mask per model
+(``mask_bits (S, rows, words)``, ``sparse_engine.ops.stacked_mask``) and compute through the
+stacked masked ops, so every model keeps its own sparsity pattern.
+"""
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparse_engine.nn.conversion import convert_module
+from sparse_engine.nn.masked_module import MaskedModule
+from sparse_engine.nn.sparse_conv2d import SparseConv2d, explicit_padding
+from sparse_engine.nn.sparse_linear import SparseLinear
+from sparse_engine.ops.stacked_mask import pack_stacked_mask, stacked_packed_shape, unpack_stacked_mask
+from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d
+from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear
+
+
+def _prototype(module: nn.Module) -> nn.Module:
+    """A weightless copy of ``module`` (on the meta device): the recipe ``unstacked`` rebuilds a layer from."""
+    return copy.deepcopy(module).to("meta")
+
+
+class StackedLayer(nn.Module):
+    """Base of the stacked layers: ``num_models``, the prototype, and stacking of Parameters and buffers."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__()
+        self.num_models = len(modules)
+        self.training = modules[0].training
+        self.__dict__["_prototype"] = _prototype(modules[0])
+        first = modules[0]
+        for name, p in first._parameters.items():
+            self.register_parameter(name, None if p is None else nn.Parameter(
+                torch.stack([getattr(m, name).detach() for m in modules]), requires_grad=p.requires_grad))
+        for name, b in first._buffers.items():
+            if name not in first._non_persistent_buffers_set:
+                self.register_buffer(name, None if b is None else torch.stack([getattr(m, name) for m in modules]))
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Module]) -> "StackedLayer":
+        return cls(modules)
+
+    @torch.no_grad()
+    def unstacked(self, i: int) -> nn.Module:
+        """Model ``i``'s layer as an ordinary (sparse where masked) layer: fresh tensors, bit-identical values."""
+        if not 0 <= i < self.num_models:
+            raise IndexError(f"i: expected a model index in [0, {self.num_models}), got {i}")
+        tensors = list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))
+        layer = copy.deepcopy(self._prototype).to_empty(device=tensors[0][1].device)
+        for name, t in tensors:
+            if name != "mask_bits":
+                getattr(layer, name).copy_(t[i])
+        return layer
+
+
+class StackedMaskedLayer(StackedLayer):
+    """A stacked layer whose ``weight`` carries one bit-packed mask per model (the buffer ``mask_bits``)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(modules)
+        masks = [m.mask if isinstance(m, MaskedModule) else torch.ones_like(m.weight, dtype=torch.bool)
+                 for m in modules]
+        self.backend = modules[0].backend if isinstance(modules[0], MaskedModule) else "triton"
+        self.register_buffer("mask_bits", torch.empty(stacked_packed_shape(self.weight.shape), dtype=torch.int32,
+                                                      device=self.weight.device))
+        self.mask_version = 0
+        self.set_mask(torch.stack(masks))
+
+    @property
+    def mask(self) -> Tensor:
+        """The masks of all models, bool ``(S, *weight_shape)`` (True = kept). A fresh tensor."""
+        return unpack_stacked_mask(self.mask_bits, self.weight.shape)
+
+    @torch.no_grad()
+    def set_mask(self, mask: Tensor) -> None:
+        """Set every model's mask (bool, the stacked weight's shape) and zero the pruned weights."""
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool torch.Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask: expected shape {tuple(self.weight.shape)} (the stacked weight's), "
+                             f"got {tuple(mask.shape)}")
+        self.mask_bits.copy_(pack_stacked_mask(mask.to(self.weight.device)))
+        self.weight.masked_fill_(~mask.to(self.weight.device), 0)
+        self.mask_version += 1  # tells the optimizer masking to clear the state of newly pruned entries
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Zero every model's weights at its pruned positions."""
+        self.weight.masked_fill_(~self.mask, 0)
+
+    @torch.no_grad()
+    def unstacked(self, i: int) -> MaskedModule:
+        layer = super().unstacked(i)
+        if not isinstance(layer, MaskedModule):
+            convert_module(layer, self.backend)
+        layer.set_mask(self.mask[i])
+        return layer
+
+
+class StackedLinear(StackedMaskedLayer):
+    """S masked ``nn.Linear`` layers: ``weight (S, out, in)``, ``bias (S, out)``; input ``(S, ..., in)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return stacked_masked_linear(x, self.weight, self.mask_bits, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"num_models={self.num_models}, in_features={self.weight.shape[2]}, out_features={self.weight.shape[1]}"
+
+
+class StackedConv2d(StackedMaskedLayer):
+    """S masked ``nn.Conv2d`` layers (all of ``nn.Conv2d``'s options): ``weight (S, Co, C/g, kH, kW)``;
+    input ``(S, B, C, H, W)``."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(modules)
+        conv = modules[0]
+        for attr in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size",
+                     "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(conv, attr))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"x: expected shape (num_models, B, C, H, W), got {tuple(x.shape)}")
+        s, b = x.shape[:2]
+        flat, padding = explicit_padding(self, x.flatten(0, 1))
+        x = flat.unflatten(0, (s, b))
+        return stacked_masked_conv2d(x, self.weight, self.mask_bits, self.bias, self.stride, padding, self.dilation,
+                                     self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"num_models={self.num_models}, {self.weight.shape[2] * self.groups}, {self.weight.shape[1]}, "
+                f"kernel_size={tuple(self.kernel_size)}, stride={self.stride}, padding={self.padding}")
+
+
+class StackedBatchNorm(StackedLayer):
+    """S ``nn.BatchNorm1d/2d/3d`` layers with per-model affine parameters and running statistics.
+
+    The S models' channels are laid side by side (``(B, S*C, ...)``) and normalised by one
+    ``F.batch_norm`` call: each channel's statistics come from its own model's batch only, and each
+    model's running statistics are updated in place in its slice of ``running_mean (S, C)``.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(modules)
+        bn = modules[0]
+        if bn.track_running_stats and bn.momentum is None:
+            raise ValueError("modules: stacking BatchNorm with momentum=None (cumulative averages) is not supported; "
+                             "use a float momentum")
+        self.eps, self.momentum = bn.eps, bn.momentum
+        self.track_running_stats = bn.track_running_stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.num_models
+        if x.dim() < 3 or x.shape[0] != s:
+            raise ValueError(f"x: expected shape ({s}, B, C, ...), got {tuple(x.shape)}")
+        b, c = x.shape[1], x.shape[2]
+        side = x.transpose(0, 1).reshape(b, s * c, *x.shape[3:])
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        use_batch = self.training or not self.track_running_stats
+        flat = lambda t: None if t is None else t.view(-1)
+        tracked = self.track_running_stats
+        y = F.batch_norm(side, flat(self.running_mean) if tracked else None,
+                         flat(self.running_var) if tracked else None,
+                         flat(self.weight), flat(self.bias), use_batch, self.momentum or 0.0, self.eps)
+        return y.reshape(b, s, c, *x.shape[3:]).transpose(0, 1)
+
+
+class StackedLayerNorm(StackedLayer):
+    """S ``nn.LayerNorm`` layers: per-model ``weight``/``bias (S, *normalized_shape)``."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(modules)
+        ln = modules[0]
+        self.normalized_shape, self.eps = tuple(ln.normalized_shape), ln.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        view = (self.num_models,) + (1,) * (x.dim() - 1 - len(self.normalized_shape)) + self.normalized_shape
+        if self.weight is not None:
+            y = y * self.weight.view(view)
+        if self.bias is not None:
+            y = y + self.bias.view(view)
+        return y
+
+
+class PerSample(nn.Module):
+    """A layer without parameters (activation, pooling, flatten, dropout, ...) applied to ``(S, B, ...)``
+    inputs by folding the model axis into the batch: ``module(x.flatten(0, 1)).unflatten(0, (S, B))``.
+
+    Correct for every layer that treats dimension 0 as the batch; dropout draws independent masks
+    for every element, so independent ones per model.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"x: expected shape (num_models, B, ...), got {tuple(x.shape)}")
+        lead = x.shape[:2]
+        return self.module(x.flatten(0, 1)).unflatten(0, lead)
+
+    def unstacked(self, i: int) -> nn.Module:
+        return copy.deepcopy(self.module)
+
+
+def stacked_type(module: nn.Module) -> Optional[type]:
+    """The stacked class for a layer, or None when it has no stacked version."""
+    # A subclass that overrides forward may compute something else with its weight: not stacked.
+    if isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, SparseLinear.forward):
+        return StackedLinear
+    if isinstance(module, nn.Conv2d) and type(module).forward in (nn.Conv2d.forward, SparseConv2d.forward):
+        return StackedConv2d
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        return StackedBatchNorm
+    if type(module) is nn.LayerNorm:
+        return StackedLayerNorm
+    return None
+

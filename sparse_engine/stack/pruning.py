@@ -1,0 +1,276 @@
+"""Per-model pruning of a stacked model: every pruning method of ``sparse_engine.pruning.methods`` runs on
+each model with its own targets, and all K models' masks are selected in **one** ``topk_mask`` call.
+
+**Design.** The pruners are not rewritten for stacks. :func:`model_views` gives K ordinary sparse
+models whose Parameters, buffers and masks are *views* of the stack's slices ``[k]``: a pruner
+constructed on view k (with a stand-in optimizer holding model k's learning rates) computes its
+schedule, scores and allocation exactly as in a separate run, and ``set_mask`` on view k writes
+model k's mask and zeros into the stack. :class:`StackedPruners` runs the K pruners' calls
+(construction, ``step()``, ``on_epoch_end()``) concurrently, one thread per model, and batches
+their selections: ``prune_``'s ``select`` (the ``topk_mask`` call) waits until every model still
+running has reached its own, then one ``topk_mask`` call selects all of them, one group per model
+and per layer where the allocation has per-layer groups (group ids are offset per model), and each
+model gets its masks back. Groups are selected independently and in the same order as alone, so
+the masks equal K separate runs' exactly. Models that do not prune at a step simply finish;
+methods with several selection rounds (SynFlow) batch round by round.
+
+Everything the pruners do besides selection also reaches the stack: weights rewound or
+zeroed in place (views), BatchNorm recalibration (view buffers), learning rates that IMP's
+retraining schedules set on the stand-in optimizer (copied into the stacked optimizer's
+per-model ``lr``), and a cleared optimizer state (IMP's rewinding; model k's slice of a
+:class:`~sparse_engine.stack.optim.StackedSGD`'s momentum is zeroed, which is what a fresh
+buffer gives with zero dampening).
+"""
+import copy
+import threading
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from sparse_engine.nn.conversion import convert_module
+from sparse_engine.nn.masked_module import MaskedModule
+from sparse_engine.nn.sparsify import sparse_modules
+from sparse_engine.pruning.select import granularity as _granularity
+from sparse_engine.pruning.select import prune as _prune_module
+from sparse_engine.stack.convert import StackedModel
+from sparse_engine.stack.layers import PerSample, StackedLayer, StackedMaskedLayer
+from sparse_engine.stack.optim import StackedSGD, _StackedOptimizer
+
+
+def _view_layer(layer: StackedLayer, i: int) -> nn.Module:
+    out = copy.deepcopy(layer._prototype)
+    for name, p in layer._parameters.items():
+        if p is not None:
+            out._parameters[name] = nn.Parameter(p.detach()[i], requires_grad=p.requires_grad)
+    for name, b in layer._buffers.items():
+        if b is not None and name != "mask_bits":
+            out._buffers[name] = b[i]
+    if isinstance(layer, StackedMaskedLayer):
+        if not isinstance(out, MaskedModule):
+            convert_module(out, layer.backend)
+        out._buffers["mask_bits"] = layer.mask_bits[i]
+    return out
+
+
+def model_views(stacked: StackedModel) -> list[nn.Module]:
+    """K ordinary sparse models whose Parameters, buffers and masks are views of ``stacked``'s slices:
+    what is written into view k (``set_mask``, in-place weight changes) is written into model k of the stack."""
+    if not isinstance(stacked, StackedModel):
+        raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
+    layers = [m for m in stacked.module.modules() if isinstance(m, (StackedLayer, PerSample))]
+    views = []
+    for i in range(stacked.num_models):
+        memo = {id(m): (_view_layer(m, i) if isinstance(m, StackedLayer) else m.unstacked(i)) for m in layers}
+        view = copy.deepcopy(stacked.module, memo)
+        view.train(stacked.training)
+        views.append(view)
+    return views
+
+
+class _BatchedSelect:
+    """Collects the ``select`` calls of K worker threads and answers them with one ``topk_mask`` call."""
+
+    def __init__(self, workers: int):
+        self.cv = threading.Condition()
+        self.running = workers
+        self.waiting: dict[int, tuple] = {}
+        self.results: dict[int, object] = {}
+        self.calls = 0
+
+    def select(self, k: int, scores, ks, group, names):
+        with self.cv:
+            self.waiting[k] = (list(scores), list(ks), list(group), list(names))
+            self._run_if_all_waiting()
+            while k not in self.results:
+                self.cv.wait()
+            result = self.results.pop(k)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def finished(self) -> None:
+        with self.cv:
+            self.running -= 1
+            self._run_if_all_waiting()
+
+    def _run_if_all_waiting(self) -> None:
+        if not self.waiting or len(self.waiting) < self.running:
+            return
+        batch, self.waiting = sorted(self.waiting.items()), {}
+        scores, ks, group, names, spans, offset = [], [], [], [], [], 0
+        for k, (s, kk, g, n) in batch:
+            spans.append((k, len(scores), len(s)))
+            scores += s
+            ks += kk
+            group += [offset + gi for gi in g]
+            names += [f"model {k}: {x}" for x in n]
+            offset += len(kk)
+        try:
+            masks = _ORIGINAL_SELECT(scores, ks, group, names)
+            self.calls += 1
+            for k, start, count in spans:
+                self.results[k] = masks[start:start + count]
+        except BaseException as e:  # every waiting model gets the error (e.g. NaN scores of one model)
+            for k, _, _ in spans:
+                self.results[k] = e
+        self.cv.notify_all()
+
+
+_ORIGINAL_SELECT = _granularity.select
+_local = threading.local()
+_install_lock = threading.Lock()
+
+
+def _dispatching_select(scores, ks, group, names):
+    batch = getattr(_local, "batch", None)
+    if batch is None:
+        return _ORIGINAL_SELECT(scores, ks, group, names)
+    return batch.select(_local.index, scores, ks, group, names)
+
+
+class StackedPruners:
+    """K pruners, one per model of ``stacked``, selecting their masks together.
+
+    Args:
+        stacked: the stacked model.
+        optimizer: its optimizer (``StackedSGD``/``StackedAdamW``: per-model learning rates reach the
+            pruners' stand-in optimizers, and schedules the pruners set come back).
+        methods: one function per model, ``(model, optimizer) -> Pruner``, e.g.
+            ``lambda m, o: GMP(m, o, 0.9, start_step=0, end_step=100, frequency=10)``; it is called with
+            the model's view (``model_views``) and its stand-in optimizer.
+
+    Call ``step()`` after ``optimizer.step()`` and ``on_epoch_end()`` after each epoch, as for one
+    pruner. ``select_calls`` counts the ``topk_mask`` calls made (one per batched selection).
+    """
+
+    def __init__(self, stacked: StackedModel, optimizer: Optimizer, methods: Sequence[Callable]):
+        if not isinstance(stacked, StackedModel):
+            raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        methods = list(methods)
+        if len(methods) != stacked.num_models:
+            raise ValueError(f"methods: expected {stacked.num_models} (one per model), got {len(methods)}")
+        self.stacked, self.optimizer = stacked, optimizer
+        self.views = model_views(stacked)
+        names = {id(p): n for n, p in stacked.named_parameters()}
+        self.stand_ins = []
+        for view in self.views:
+            vparams = dict(view.named_parameters())
+            groups = [{"params": [vparams[names[id(p)].removeprefix("module.")] for p in g["params"]], "lr": 0.0}
+                      for g in optimizer.param_groups]
+            self.stand_ins.append(torch.optim.SGD(groups, lr=0.0))
+        self._lrs_to_stand_ins()
+        self.select_calls = 0
+        self.pruners = self._run_all(lambda k: methods[k](self.views[k], self.stand_ins[k]))
+
+    # -- the training loop hooks --------------------------------------------------------------
+
+    def step(self) -> list[bool]:
+        """``pruner.step()`` of every model; returns whether each model's masks changed."""
+        return self._run_all(lambda k: self.pruners[k].step())
+
+    def on_epoch_end(self) -> list[bool]:
+        return self._run_all(lambda k: self.pruners[k].on_epoch_end())
+
+    def state_dict(self) -> dict:
+        return {"pruners": [p.state_dict() for p in self.pruners]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for p, s in zip(self.pruners, state["pruners"]):
+            p.load_state_dict(s)
+
+    # -- machinery ----------------------------------------------------------------------------
+
+    def _lr_of(self, group: dict, k: int) -> float:
+        lr = group["lr"]
+        return float(lr[k]) if isinstance(lr, Tensor) else float(lr)
+
+    def _lrs_to_stand_ins(self) -> None:
+        for k, o in enumerate(self.stand_ins):
+            for g, sg in zip(self.optimizer.param_groups, o.param_groups):
+                sg["lr"] = self._lr_of(g, k)
+
+    def _lrs_from_stand_ins(self) -> None:
+        if not isinstance(self.optimizer, _StackedOptimizer):
+            return
+        for i, g in enumerate(self.optimizer.param_groups):
+            g["lr"] = torch.tensor([o.param_groups[i]["lr"] for o in self.stand_ins], dtype=torch.float64)
+
+    def _sync_grads(self) -> None:
+        for view in self.views:
+            view.zero_grad(set_to_none=True)
+        for name, p in self.stacked.module.named_parameters():
+            if p.grad is not None:
+                for k, view in enumerate(self.views):
+                    view.get_parameter(name).grad = p.grad[k]
+
+    def _versions(self) -> list[int]:
+        return [sum(u.mask_version for _, u in sparse_modules(view)) for view in self.views]
+
+    @torch.no_grad()
+    def _clear_state_if_cleared(self, sentinels) -> None:
+        """A pruner that cleared its optimizer's state (IMP rewinding) clears model k's slice of the stack's."""
+        for k, (o, sentinel) in enumerate(zip(self.stand_ins, sentinels)):
+            if sentinel in o.state:
+                del o.state[sentinel]
+                continue
+            if self.optimizer.state and not isinstance(self.optimizer, StackedSGD):
+                raise NotImplementedError(f"model {k}: its pruner cleared the optimizer state; clearing one model's "
+                                          f"state is supported for StackedSGD, not {type(self.optimizer).__name__}")
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    if isinstance(v, Tensor) and v.dim() > 0:
+                        v[k].zero_()
+
+    def _run_all(self, call: Callable[[int], object]) -> list:
+        k_models = self.stacked.num_models
+        self._lrs_to_stand_ins()
+        self._sync_grads()
+        sentinel = torch.zeros(())
+        for o in self.stand_ins:
+            o.state[sentinel] = {}
+        before = self._versions()
+        batch = _BatchedSelect(k_models)
+        results, errors = [None] * k_models, [None] * k_models
+
+        def work(k):
+            _local.batch, _local.index = batch, k
+            try:
+                results[k] = call(k)
+            except BaseException as e:
+                errors[k] = e
+            finally:
+                _local.batch = None
+                batch.finished()
+
+        with _install_lock, warnings.catch_warnings():
+            # the stand-in optimizers never step, which the pruners' LR schedulers would warn about
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            _prune_module.select = _dispatching_select
+            try:
+                threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}")
+                           for k in range(k_models)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:
+                _prune_module.select = _ORIGINAL_SELECT
+        self.select_calls += batch.calls
+        for view in self.views:
+            view.zero_grad(set_to_none=True)
+        self._clear_state_if_cleared([sentinel] * k_models)
+        self._lrs_from_stand_ins()
+        after = self._versions()
+        if after != before:  # the stacked optimizer masking clears the state of newly pruned entries
+            for _, layer in self.stacked.masked_layers():
+                layer.mask_version += 1
+        for k, e in enumerate(errors):
+            if e is not None:
+                raise RuntimeError(f"model {k}: its pruner raised {type(e).__name__}: {e}") from e
+        return results
+

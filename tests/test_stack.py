@@ -1,0 +1,173 @@
+"""stack/unstack: bit-identical round trips, stacked forward/backward == the K models run one by one
+(float64), BatchNorm running statistics per model, residual blocks, dropout, compile, errors."""
+import pytest
+import torch
+from torch import nn
+
+import sparse_engine as se
+from sparse_engine.models import BasicBlock, fashion_cnn, fashion_mlp
+from sparse_engine.stack import StackedModel, stack, unstack
+
+K = 3
+
+
+def random_masks_(model, generator=None):
+    """Random per-layer sparsity, never all-dense: each model gets its own masks."""
+    for _, unit in se.sparse_modules(model):
+        unit.set_mask(torch.rand(unit.weight.shape, generator=generator) >= torch.rand(1, generator=generator) * 0.9)
+    return model
+
+
+class ResNetish(nn.Module):
+    """A stem, two residual blocks (one with a conv shortcut), pooling, flatten, dropout, LayerNorm head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 6, stride=2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.0), nn.LayerNorm(6),
+                                  nn.Linear(6, 5))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+BUILDERS = {"mlp": fashion_mlp, "cnn": fashion_cnn, "resnet": ResNetish}
+SHAPES = {"mlp": (1, 28, 28), "cnn": (1, 28, 28), "resnet": (1, 9, 11)}
+
+
+def make_models(name, sparse=True, dtype=torch.float64):
+    models = []
+    for i in range(K):
+        torch.manual_seed(i)
+        m = BUILDERS[name]().to(dtype)
+        if sparse:
+            random_masks_(se.sparsify(m))
+        for mod in m.modules():  # non-trivial running statistics and affine parameters
+            if isinstance(mod, (nn.BatchNorm2d, nn.LayerNorm)):
+                with torch.no_grad():
+                    mod.weight.uniform_(0.5, 1.5), mod.bias.normal_()
+                    if isinstance(mod, nn.BatchNorm2d):
+                        mod.running_mean.normal_(), mod.running_var.uniform_(0.5, 2), mod.num_batches_tracked.fill_(i)
+        models.append(m)
+    return models
+
+
+def assert_models_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    ua, ub = se.sparse_modules(a), se.sparse_modules(b)
+    assert [n for n, _ in ua] == [n for n, _ in ub]
+    for (_, x), (_, y) in zip(ua, ub):
+        assert torch.equal(x.mask_bits, y.mask_bits)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_round_trip_is_bit_identical(name):
+    models = make_models(name)
+    back = unstack(stack(models))
+    assert len(back) == K
+    for m, b in zip(models, back):
+        assert type(b) is type(m)
+        assert_models_equal(m, b)
+        assert all(p.data_ptr() != q.data_ptr() for p, q in zip(m.parameters(), b.parameters()))
+
+
+def test_dense_models_come_back_sparse_with_their_masks():
+    models = make_models("mlp", sparse=False)
+    stacked = stack(models)
+    for _, layer in stacked.masked_layers():
+        assert layer.mask.all()
+    mask = torch.rand(stacked.module[1].weight.shape) < 0.5
+    stacked.module[1].set_mask(mask)
+    back = unstack(stacked)
+    for i, b in enumerate(back):
+        assert isinstance(b[1], se.SparseLinear) and torch.equal(b[1].mask, mask[i])
+        assert torch.equal(b[1].weight, models[i][1].weight * mask[i])
+
+
+@pytest.mark.parametrize("per_model_batches", [True, False], ids=["own-batches", "broadcast"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_train_step_equals_separate_models(name, per_model_batches):
+    models = make_models(name)
+    stacked = stack(models)
+    x = torch.randn(K, 5, *SHAPES[name], dtype=torch.float64)
+    if not per_model_batches:
+        x = x[0].expand(K, *x.shape[1:])
+    y = stacked(x) if per_model_batches else stacked(x[0], broadcast=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    for i, m in enumerate(models):
+        yi = m(x[i])
+        yi.backward(dy[i])
+        torch.testing.assert_close(y[i], yi, rtol=1e-10, atol=1e-12)
+    back = unstack(stacked)
+    for i, (m, b) in enumerate(zip(models, back)):  # running statistics updated per model
+        for (n, t), (_, u) in zip(m.named_buffers(), b.named_buffers()):
+            torch.testing.assert_close(t, u, rtol=1e-12, atol=1e-14, msg=n)
+    grads = {n: p.grad for n, p in stacked.named_parameters()}
+    for (n, p) in stacked.named_parameters():
+        for i, m in enumerate(models):
+            mp = m.get_parameter(n.removeprefix("module."))
+            torch.testing.assert_close(grads[n][i], mp.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_eval_mode_uses_running_statistics():
+    models = [m.eval() for m in make_models("cnn")]
+    stacked = stack(models)
+    assert not stacked.training
+    x = torch.randn(K, 4, 1, 28, 28, dtype=torch.float64)
+    y = stacked(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(y[i], m(x[i]), rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_is_independent_per_model():
+    models = [nn.Sequential(nn.Linear(8, 64), nn.Dropout(0.5)) for _ in range(K)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    y = stack(models)(torch.randn(2, 8), broadcast=True)
+    dropped = y == 0
+    assert not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[1], dropped[2])
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    models = make_models("cnn", dtype=torch.float32)
+    eager, compiled = stack(models), stack(models)
+    x = torch.randn(K, 4, 1, 28, 28)
+    fn = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    fn(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=n)
+    for (n, b), (_, c) in zip(eager.named_buffers(), compiled.named_buffers()):
+        torch.testing.assert_close(c, b, msg=n)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="models: expected a list of nn.Module"):
+        stack(fashion_mlp())
+    with pytest.raises(ValueError, match="models: expected at least one model"):
+        stack([])
+    with pytest.raises(ValueError, match=r"models\[1\]: expected the architecture of models\[0\]"):
+        stack([fashion_mlp(), fashion_cnn()])
+    with pytest.raises(ValueError, match=r"models\[1\]: 'param 1.bias' is .*float64.* but .*float32"):
+        stack([fashion_mlp(), fashion_mlp(num_classes=10).double()])
+    lstm = lambda: nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
+    with pytest.raises(TypeError, match="layer '1' of type LSTM has no stacked version"):
+        stack([lstm(), lstm()])
+    with pytest.raises(TypeError, match="layer '0' of type SparseEmbedding has no stacked version"):
+        stack([se.sparsify(nn.Sequential(nn.Embedding(5, 3))) for _ in range(2)])
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied weights"):
+        stack([tied])
+    stacked = stack([fashion_mlp(), fashion_mlp()])
+    with pytest.raises(ValueError, match=r"x: expected shape \(2, B, \.\.\.\)"):
+        stacked(torch.randn(3, 1, 28, 28))
+    with pytest.raises(TypeError, match="stacked: expected a StackedModel"):
+        unstack(fashion_mlp())
+    assert isinstance(stacked, StackedModel)
