@@ -6,7 +6,9 @@ ptxas; no device, no driver), for every autotune config its launcher can reach a
 accepts. Resources come from Triton's own ptxas run with ``-v`` on the PTX Triton produced
 (registers a thread, bytes of spill stores, static shared memory) plus Triton's dynamic shared
 memory (``metadata.shared``). A variant fails on a compile error, any spill, or shared memory over the
-architecture's per-block limit (sm_90: 227 KiB, sm_80: 163 KiB).
+architecture's per-block limit (sm_90: 227 KiB, sm_80: 163 KiB). It also checks, in the compiled
+IR, that the strides which can make offsets pass 2**31 (transposed views, large images) are widened
+to int64 before they multiply (narrow_offsets).
 
 Each kernel is compiled for the specialisation a contiguous launch gets: 16-byte aligned pointers,
 unit inner strides as the constant 1 (Triton specialises ints equal to 1), and sizes and row
@@ -184,12 +186,11 @@ def _block_solve_variants(arch):
                       (("a_ptr", torch.float32), ("shift_ptr", torch.float32), ("l_ptr", torch.float32),
                        ("info_ptr", torch.int32)),
                       (("BS", block), ("KC", bs._KC), ("ONE_BLOCK", one_block)), num_warps=warps, num_stages=1)
-    for block, warps in bs._SOLVE_WARPS.items():
-        for rhs in bs.RHS_BLOCKS:
-            yield Variant(f"sm{arch} block_solve.cholesky_solve BS{block} BR{rhs} w{warps}", arch,
-                          "block_solve", "_cholesky_solve_kernel",
-                          (("l_ptr", torch.float32), ("b_ptr", torch.float32), ("x_ptr", torch.float32)),
-                          (("BS", block), ("BR", rhs), ("KC", bs._KC)), num_warps=warps, num_stages=1)
+    for (block, rhs), warps in bs._SOLVE_WARPS.items():
+        yield Variant(f"sm{arch} block_solve.cholesky_solve BS{block} BR{rhs} w{warps}", arch,
+                      "block_solve", "_cholesky_solve_kernel",
+                      (("l_ptr", torch.float32), ("b_ptr", torch.float32), ("x_ptr", torch.float32)),
+                      (("BS", block), ("BR", rhs), ("KC", bs._KC)), num_warps=warps, num_stages=1)
 
 
 def _mask_pack_variants(arch):
@@ -299,37 +300,70 @@ def _resources(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spill.group(1)), int(smem.group(1)) if smem else 0
 
 
+def compile_kernel(v: Variant):
+    """triton.compile of one variant for its architecture: the CompiledKernel (asm["ttir"], ["ptx"], ...)."""
+    kernel = getattr(importlib.import_module(f"{_PKG}.{v.module}"), v.kernel)
+    fn = _jit_function(kernel)
+    consts = dict(v.constexprs)
+    pointers = dict(v.pointers)
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in pointers:
+            signature[arg] = "*" + _TRITON_TYPES[pointers[arg]]
+        else:
+            signature[arg] = "i32"
+    missing = [a for a in consts.keys() | pointers.keys() if a not in fn.arg_names]
+    if missing:
+        raise ValueError(f"{v.kernel} has no arguments {missing}")
+    aligned = set(pointers) | set(v.aligned)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    target = triton.backends.compiler.GPUTarget("cuda", v.arch, 32)
+    return triton.compile(src, target=target, options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+
+
 def compile_variant(v: Variant) -> Result:
     """Compiles one variant for its architecture; errors are returned in the result, not raised."""
     start = time.perf_counter()
     result = Result(v)
     try:
-        kernel = getattr(importlib.import_module(f"{_PKG}.{v.module}"), v.kernel)
-        fn = _jit_function(kernel)
-        consts = dict(v.constexprs)
-        pointers = dict(v.pointers)
-        signature = {}
-        for arg in fn.arg_names:
-            if arg in consts:
-                signature[arg] = "constexpr"
-            elif arg in pointers:
-                signature[arg] = "*" + _TRITON_TYPES[pointers[arg]]
-            else:
-                signature[arg] = "i32"
-        missing = [a for a in consts.keys() | pointers.keys() if a not in fn.arg_names]
-        if missing:
-            raise ValueError(f"{v.kernel} has no arguments {missing}")
-        aligned = set(pointers) | set(v.aligned)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in aligned}
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-        target = triton.backends.compiler.GPUTarget("cuda", v.arch, 32)
-        compiled = triton.compile(src, target=target, options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+        compiled = compile_kernel(v)
         regs, spill, static = _resources(compiled.asm["ptx"], v.arch)
         result.regs, result.spill, result.shared = regs, spill, compiled.metadata.shared + static
     except Exception as e:  # a compile error is a result of the gate
         result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
     result.seconds = time.perf_counter() - start
     return result
+
+
+# Strides that must enter int64 arithmetic only (widened before they multiply): with a transposed
+# view or a large image, stride * index passes 2**31. Checked in the TTIR of the smallest config of
+# each kernel, compiled with those strides as runtime ints: every use of the argument must be an
+# arith.extsi to i64.
+_WIDE_STRIDES = (
+    (r"^sm90 masked_linear\.fwd fp16 ", ("stride_xk", "stride_wk")),
+    (r"^sm90 masked_linear\.bwd_input fp16 ", ("stride_dyn",)),
+    (r"^sm90 masked_conv2d\.fwd fp16 ", ("sxc", "sxh", "syh")),
+    (r"^sm90 masked_conv2d\.bwd_input fp16 ", ("sdc", "sxh")),
+    (r"^sm90 masked_conv2d\.bwd_weight fp16 ", ("sxc", "sxh", "sdh")),
+)
+
+
+def narrow_offsets() -> list[str]:
+    """Stride arguments of _WIDE_STRIDES that some instruction uses as a 32-bit value."""
+    found = []
+    for pattern, strides in _WIDE_STRIDES:
+        v = min(variants((90,), only=pattern), key=_tile_volume)
+        v = dataclasses.replace(v, constexprs=tuple((k, c) for k, c in v.constexprs if k not in strides))
+        body = [line.strip() for line in compile_kernel(v).asm["ttir"].splitlines() if "tt.func" not in line]
+        for stride in strides:
+            uses = [line for line in body if re.search(rf"%{stride}\b", line)]
+            narrow = [u for u in uses if not re.search(rf"arith\.extsi %{stride} : i32 to i64", u)]
+            if narrow:
+                found.append(f"{v.module}.{v.kernel}: {stride} used as i32: {narrow[0][:160]}")
+    return found
 
 
 def run(vs: list[Variant], jobs: int = 1, log=print) -> list[Result]:
@@ -358,6 +392,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="repeatable; default: both")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiler processes")
     parser.add_argument("--list", action="store_true", help="print the variants without compiling")
+    parser.add_argument("--no-offsets", dest="offsets", action="store_false",
+                        help="skip the check that large strides enter only int64 arithmetic")
     args = parser.parse_args(argv)
     vs = variants(tuple(args.arch or ARCHS), args.subset, args.only)
     missing = uncovered_kernels(variants())
@@ -371,11 +407,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = run(vs, args.jobs)
     failed = [r for r in results if r.failures]
+    narrow = narrow_offsets() if args.offsets else []
     print(f"\n{len(results)} variants compiled in {time.perf_counter() - start:.0f} s "
           f"(triton {triton.__version__}): {len(failed)} failed")
     for r in failed:
         print("  " + r.line())
-    return 1 if failed else 0
+    for line in narrow:
+        print("  32-bit offset: " + line)
+    return 1 if failed or narrow else 0
 
 
 if __name__ == "__main__":
