@@ -28,7 +28,7 @@ BUILD_STAMP := $(dir $(ENV_STAMP)).sparse_engine-build
 SWEEP_STAMP := $(dir $(ENV_STAMP)).sparse_engine-sweep-deps
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test test-models demo demo-second-order bench data clean
+.PHONY: setup test test-models demo demo-second-order bench aot-check gpu-check data clean
 
 setup: $(BUILD_STAMP)
 
@@ -83,6 +83,18 @@ bench: setup
 	$(PY) bench/bench_block_solve.py $(BENCH_ARGS)
 	$(PY) bench/bench_sweep.py $(BENCH_ARGS)
 	$(PY) bench/bench_dst.py $(BENCH_ARGS)
+
+# Every Triton kernel, autotune config and dtype compiled for sm_90a and sm_80 without a GPU; fails on a
+# compile error, a register spill or shared memory over the limit (kernels/aot.py; `make test` runs a
+# subset). AOT_JOBS compiler processes.
+AOT_JOBS ?= 2
+aot-check: setup
+	env -u TRITON_INTERPRET $(PY) -m sparse_engine.kernels.aot --jobs $(AOT_JOBS)
+
+# On a lent GPU: build for sm_90a, pytest -m gpu, the benchmarks' quick modes and a quick demo, into
+# one results folder (bench/gpu_check.py; under 8 minutes on an H100/H200). Without a GPU: skip mode.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean:
 	rm -rf build build-cmake *.egg-info sparse_engine/_C*.so $(BUILD_STAMP)

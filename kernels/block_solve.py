@@ -70,16 +70,21 @@ BLOCKS = (16, 32, 64)
 RHS_BLOCKS = (16, 32, 64)
 _KC = 16  # contraction slice of every tl.dot: fp32 FMA dot operands hold (rows or columns) x KC values
 
-# Warps per program, by (BS, one block): counts at which ptxas (sm_90, CUDA 13) allocates the kernel
-# without spills (the solve at BS = 64: 8 bytes), registers per thread in the comments (one block:
-# the column loop only). Checked by compiling, not yet tuned on a GPU.
+# Warps per program, by (BS, one block): counts at which ptxas allocates the kernel without spills
+# on sm_90a and sm_80 (kernels/aot.py), registers per thread on sm_90 in the comments (one block:
+# the column loop only). At 16 warps (512 threads) sm_80 caps a thread at 128 registers, which the
+# multi-block BS = 64 factorisation exceeds. Checked by compiling, not yet tuned on a GPU.
 _FACTOR_WARPS = {(16, True): 2,    # 40
                  (32, True): 4,    # 55
                  (64, True): 8,    # 103
-                 (16, False): 2,   # 140
+                 (16, False): 2,   # 142
                  (32, False): 8,   # 167
-                 (64, False): 16}  # 103
-_SOLVE_WARPS = {16: 2, 32: 4, 64: 4}  # at BR = 16: 72, 72, 128 registers
+                 (64, False): 8}   # 238
+# Solve warps by (BS, BR). ptxas sometimes aims at fewer registers than the kernel needs and spills
+# a few bytes (at 4 warps: (32, 32) on sm_90, (64, 16) on sm_80); these counts do not.
+_SOLVE_WARPS = {(16, 16): 2, (16, 32): 2, (16, 64): 2,
+                (32, 16): 4, (32, 32): 2, (32, 64): 4,
+                (64, 16): 8, (64, 32): 4, (64, 64): 4}
 
 
 def default_block(n: int) -> int:
@@ -352,5 +357,5 @@ def block_cholesky_solve_fwd(l: torch.Tensor, b: torch.Tensor, *, block: Optiona
     grid = (batch, triton.cdiv(n_rhs, rhs_block))
     with _on_device_of(l):
         _cholesky_solve_kernel[grid](l, b, out, n, n_rhs, BS=block, BR=rhs_block, KC=_KC,
-                                     num_warps=_SOLVE_WARPS[block], num_stages=1)
+                                     num_warps=_SOLVE_WARPS[block, rhs_block], num_stages=1)
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_engine.kernels.arch import device_arch, smem_limit
+
 __all__ = ["masked_conv2d_fwd", "masked_conv2d_bwd_input", "masked_conv2d_bwd_weight"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,25 +28,81 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(gpu_configs, interpreter_config):
+def _config(tiles, num_warps, num_stages):
+    return triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tiles)), num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+# Tile configs ((BLOCK_M, BLOCK_N, BLOCK_K), num_warps, num_stages), spill-free by ptxas -v on sm_90a
+# and sm_80 (kernels/aot.py), not yet timed on a GPU. The gather arithmetic is per element, so
+# registers grow with tile size and pipeline depth: beyond 64x64 the tiles get 8 warps, and
+# 128x128 spills in every kernel. Tensor cores (fp16, bf16, TF32):
+_TILES = [((128, 64, 32), 8, 3), ((64, 128, 32), 8, 3), ((64, 64, 64), 8, 3), ((64, 64, 32), 4, 4),
+          ((64, 32, 32), 4, 4), ((64, 64, 32), 8, 2), ((32, 64, 32), 4, 2)]
+# The input gradient decodes a stride test per element as well: deeper pipelines spill there.
+_BWD_INPUT_TILES = [((128, 64, 32), 8, 3), ((128, 64, 32), 8, 2), ((64, 128, 32), 8, 2), ((64, 64, 32), 8, 2),
+                    ((32, 64, 32), 4, 2)]
+# IEEE fp32 (allow_tf32 off): the dot runs on FMA units and its operands take BLOCK_K registers a
+# row a thread owns, on top of the gather arithmetic: every tile above spills. 16-wide K slices
+# and shallow pipelines fit.
+_FP32_TILES = [((64, 64, 16), 8, 2), ((64, 32, 16), 4, 2), ((32, 64, 16), 4, 2), ((32, 32, 16), 4, 3)]
+_MMA = {"fwd": [_config(*t) for t in _TILES], "bwd_input": [_config(*t) for t in _BWD_INPUT_TILES],
+        "bwd_weight": [_config(*t) for t in _TILES]}
+_FP32 = {name: [_config(*t) for t in _FP32_TILES] for name in ("fwd", "bwd_input", "bwd_weight")}
+# With fp32 operands (TF32) a few of the tensor-core tiles spill, per architecture (90: sm_90 and
+# newer, 80: older) and kernel. Keys: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+_TF32_SPILLS = {
+    90: {"bwd_weight": {(64, 64, 64, 8, 3), (64, 64, 32, 4, 4)}},
+    80: {"fwd": {(64, 64, 64, 8, 3)}, "bwd_input": {(128, 64, 32, 8, 3)}},
+}
+_SMEM_MARGIN = 16 * 1024
+
+
+def _key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
+def reachable_configs(kernel, dtype, allow_tf32, arch, smem=None):
+    """The configs kernel ("fwd", "bwd_input", "bwd_weight") may launch with for `dtype` on a GPU of
+    capability `arch` (major*10 + minor) with `smem` bytes of shared memory a block (default: the
+    architecture's)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    if dtype == torch.float32 and not allow_tf32:
+        configs = _FP32[kernel]
+    else:
+        spills = _TF32_SPILLS[90 if arch >= 90 else 80].get(kernel, set()) if dtype == torch.float32 else set()
+        configs = [c for c in _MMA[kernel] if _key(c) not in spills]
+    budget = (smem_limit(arch) if smem is None else smem) - _SMEM_MARGIN
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [c for c in configs
+            if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize <= budget]
+
+
+def _all_configs(kernel, interpreter_config):
     # The interpreter cannot time kernels, and tiny test shapes want small tiles: one fixed config
     # (a single-config autotuner launches without benchmarking).
     if _interpreting():
         return [triton.Config(interpreter_config, num_warps=1, num_stages=1)]
-    return [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tiles)), num_warps=w, num_stages=s)
-            for tiles, w, s in gpu_configs]
+    configs = {}
+    for c in _MMA[kernel] + _FP32[kernel]:
+        configs.setdefault(_key(c), c)
+    return list(configs.values())
 
 
-# Picked from ptxas register reports for sm_90, not from timings (no GPU was at hand). The gather
-# arithmetic is per element, so registers grow with tile size and pipeline depth: beyond 64x64 the
-# tiles get 8 warps. The shallow 2-stage entries are the ones that fit fp32 IEEE, whose dot runs on
-# FMA units and holds whole K-slices in registers.
-_TILES = [((128, 64, 32), 8, 3), ((64, 128, 32), 8, 3), ((64, 64, 64), 8, 3), ((128, 128, 32), 8, 3),
-          ((64, 64, 32), 4, 4), ((64, 32, 32), 4, 4), ((64, 64, 32), 8, 2), ((32, 64, 32), 4, 2)]
-# Forward and bwd_input: M = pixels, N = channels per group.
-_PIXEL_GEMM_CONFIGS = _configs(_TILES, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
-# bwd_weight: M x N is weight-sized, BLOCK_K tiles the Nb*OH*OW reduction.
-_WEIGHT_GEMM_CONFIGS = _configs(_TILES, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})
+def _pruner(kernel, operand):
+    """early_config_prune: the configs reachable for the operand's dtype and device."""
+    def prune(configs, named_args, **kwargs):
+        if _interpreting():
+            return configs
+        t = named_args[operand]
+        arch, smem = device_arch(t.device)
+        fits = reachable_configs(kernel, t.dtype, kwargs["DOT_PRECISION"] == "tf32", arch, smem)
+        if not fits:
+            raise ValueError(f"{operand.removesuffix('_ptr')}: no {kernel} config fits {smem} B of shared memory "
+                             f"(sm_{arch}) for {t.dtype}")
+        return fits
+    return prune
 
 
 @triton.jit
@@ -54,11 +112,13 @@ def _mask_keep(bits_ptr, bits_stride, row, col, ok):
     return ((words >> (col & 31)) & 1) != 0
 
 
-@triton.autotune(configs=_PIXEL_GEMM_CONFIGS, key=["Nb", "OH", "OW", "Cg", "Cog", "KH", "KW"])
-@triton.jit
+@triton.autotune(configs=_all_configs("fwd", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}),
+                 key=["M_BUCKET", "Cg", "Cog", "KH", "KW"],
+                 prune_configs_by={"early_config_prune": _pruner("fwd", "x_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_conv2d_fwd_kernel(
     x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
-    Nb, H, W, OH, OW, Cg, Cog,
+    Nb, H, W, OH, OW, Cg, Cog, M_BUCKET,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
     syn, syc, syh, syw,
@@ -81,8 +141,9 @@ def _masked_conv2d_fwd_kernel(
     ow = p % OW
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    # int64 for the batch term: n * sxn can pass 2**31 on large activations.
-    x_row = n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc + ih0 * sxh + iw0 * sxw
+    # int64 offsets: n * sxn passes 2**31 on large activations, and ci * sxc, ih0 * sxh on large
+    # images. The 1-D terms are widened before they multiply; 2-D tiles only add them.
+    x_row = n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < Cog
@@ -99,7 +160,7 @@ def _masked_conv2d_fwd_kernel(
         ih = ih0[:, None] + (kh * dil_h)[None, :]
         iw = iw0[:, None] + (kw * dil_w)[None, :]
         a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_col = ci * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+        x_col = ci.to(tl.int64) * sxc + (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
         a = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=a_ok, other=0.0)
 
         b_ok = k_ok[:, None] & n_ok[None, :]
@@ -111,15 +172,18 @@ def _masked_conv2d_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_off = (n.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + (co.to(tl.int64) * syc)[None, :]
+    y_off = (n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
+        + (co.to(tl.int64) * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_PIXEL_GEMM_CONFIGS, key=["Nb", "H", "W", "Cg", "Cog", "KH", "KW", "SH", "SW"])
-@triton.jit
+@triton.autotune(configs=_all_configs("bwd_input", {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}),
+                 key=["M_BUCKET", "Cg", "Cog", "KH", "KW", "SH", "SW"],
+                 prune_configs_by={"early_config_prune": _pruner("bwd_input", "dy_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_conv2d_bwd_input_kernel(
     dy_ptr, w_ptr, bits_ptr, dx_ptr,
-    Nb, H, W, OH, OW, Cg, Cog,
+    Nb, H, W, OH, OW, Cg, Cog, M_BUCKET,
     sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
     sxn, sxc, sxh, sxw,
@@ -162,7 +226,10 @@ def _masked_conv2d_bwd_input_kernel(
         ow = tw // SW
         a_ok = (m_ok[:, None] & k_ok[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
                 & (oh < OH) & (ow < OW))
-        a = tl.load(dy_ptr + dy_row[:, None] + (co * sdc)[None, :] + oh * sdh + ow * sdw, mask=a_ok, other=0.0)
+        # oh * sdh + ow * sdw stays int32 (2-D, and registers are what limits this kernel): the
+        # launcher checks that one image of dy spans less than 2**30 elements.
+        a = tl.load(dy_ptr + dy_row[:, None] + (co.to(tl.int64) * sdc)[None, :] + (oh * sdh + ow * sdw),
+                    mask=a_ok, other=0.0)
 
         b_ok = k_ok[:, None] & n_ok[None, :]
         co_g = g * Cog + co
@@ -173,15 +240,18 @@ def _masked_conv2d_bwd_input_kernel(
         w = tl.where(keep, w, tl.zeros_like(w))
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
-    dx_off = (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ((g * Cg + ci).to(tl.int64) * sxc)[None, :]
+    dx_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
+        + ((g * Cg + ci).to(tl.int64) * sxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_WEIGHT_GEMM_CONFIGS, key=["Nb", "OH", "OW", "Cg", "Cog", "KH", "KW", "n_split"])
-@triton.jit
+@triton.autotune(configs=_all_configs("bwd_weight", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
+                 key=["M_BUCKET", "Cg", "Cog", "KH", "KW", "n_split"],
+                 prune_configs_by={"early_config_prune": _pruner("bwd_weight", "x_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_conv2d_bwd_weight_kernel(
     dy_ptr, x_ptr, bits_ptr, out_ptr,
-    Nb, H, W, OH, OW, Cg, Cog,
+    Nb, H, W, OH, OW, Cg, Cog, M_BUCKET,
     sdn, sdc, sdh, sdw,
     sxn, sxc, sxh, sxw,
     son, sor, soc,
@@ -208,7 +278,7 @@ def _masked_conv2d_bwd_weight_kernel(
     ci = rn // (KH * KW)
     kh = (rn % (KH * KW)) // KW
     kw = rn % KW
-    x_col = (g * Cg + ci).to(tl.int64) * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+    x_col = (g * Cg + ci).to(tl.int64) * sxc + (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
 
     r_start = split * split_len
     r_end = tl.minimum(r_start + split_len, R)
@@ -221,7 +291,7 @@ def _masked_conv2d_bwd_weight_kernel(
         oh = p // OW
         ow = p % OW
         a_ok = m_ok[:, None] & r_ok[None, :]
-        dy_row = nb.to(tl.int64) * sdn + oh * sdh + ow * sdw
+        dy_row = nb.to(tl.int64) * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
         a = tl.load(dy_ptr + dy_col[:, None] + dy_row[None, :], mask=a_ok, other=0.0)
 
         ih0 = oh * stride_h - pad_h
@@ -229,7 +299,7 @@ def _masked_conv2d_bwd_weight_kernel(
         ih = ih0[:, None] + (kh * dil_h)[None, :]
         iw = iw0[:, None] + (kw * dil_w)[None, :]
         b_ok = r_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = nb.to(tl.int64) * sxn + ih0 * sxh + iw0 * sxw
+        x_row = nb.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -313,6 +383,16 @@ def _check_channels(x_name, x_shape, weight_shape, groups):
                          f"{weight_shape[1]} * {groups}")
 
 
+# CUDA grids allow at most 65535 programs along y and z; groups (times bwd_weight's reduction
+# splits) run along z.
+_MAX_GRID_Z = 65535
+
+
+def _check_groups(groups):
+    if groups > _MAX_GRID_Z:
+        raise ValueError(f"groups: expected at most {_MAX_GRID_Z} (one grid axis of the kernels), got {groups}")
+
+
 def _on(device):
     """Launch on the inputs' GPU: Triton launches on the current CUDA device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -346,6 +426,8 @@ def masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, gro
         _check_tensor("bias", bias, 1, x, x.dtype)
         if bias.shape[0] != co:
             raise ValueError(f"bias must have shape ({co},), got {tuple(bias.shape)}")
+        bias = bias.contiguous()  # the kernel reads bias[co] at unit stride
+    _check_groups(groups)
     nb, c, h, w = x.shape
     oh, ow = _out_size(x.shape, weight.shape, stride, padding, dilation)
     y = _empty_like_layout((nb, co, oh, ow), x)
@@ -356,7 +438,7 @@ def masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, gro
     with _on(x.device):
         _masked_conv2d_fwd_kernel[grid](
             x, weight, mask_bits, bias if bias is not None else weight, y,
-            nb, h, w, oh, ow, cg, cog,
+            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(nb * oh * ow),
             *x.stride(), *weight.stride(), *y.stride(),
             mask_bits.stride(0),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -383,6 +465,12 @@ def masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dil
     oh, ow = _out_size(x_shape, weight.shape, stride, padding, dilation)
     if tuple(dy.shape) != (nb, co, oh, ow):
         raise ValueError(f"dy must have shape {(nb, co, oh, ow)} for x_shape {x_shape}, got {tuple(dy.shape)}")
+    _check_groups(groups)
+    # The kernel's offsets within one image of dy along (OH, OW) are int32 (see the kernel).
+    span = (oh - 1) * abs(dy.stride(2)) + (ow - 1) * abs(dy.stride(3))
+    if span >= 2**30:
+        raise ValueError(f"dy: one image spans {span} elements along (OH, OW) with strides {tuple(dy.stride())}; "
+                         f"expected fewer than 2**30")
     dx = _empty_like_layout(x_shape, dy)
     if dx.numel() == 0:
         return dx
@@ -391,7 +479,7 @@ def masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dil
     with _on(dy.device):
         _masked_conv2d_bwd_input_kernel[grid](
             dy, weight, mask_bits, dx,
-            nb, h, w, oh, ow, cg, cog,
+            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(nb * h * w),
             *dy.stride(), *weight.stride(), *dx.stride(),
             mask_bits.stride(0),
             padding[0], padding[1], dilation[0], dilation[1],
@@ -436,8 +524,11 @@ def masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, di
     reduction = nb * oh * ow
     if reduction == 0 or co == 0 or cols == 0:
         return torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    _check_groups(groups)
     if split_k is None:
         split_k = _default_split(reduction, triton.cdiv(cog, 64) * triton.cdiv(cols, 64) * groups, x.device)
+    # groups * splits share the grid's z axis (at most 65535 programs).
+    split_k = min(split_k, _MAX_GRID_Z // groups)
     # Split boundaries on multiples of 128 keep the loads of each split aligned like the unsplit ones.
     split_len = triton.cdiv(triton.cdiv(reduction, split_k), 128) * 128
     n_split = triton.cdiv(reduction, split_len)
@@ -450,7 +541,7 @@ def masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, di
     with _on(x.device):
         _masked_conv2d_bwd_weight_kernel[grid](
             dy, x, mask_bits, out,
-            nb, h, w, oh, ow, cg, cog,
+            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(reduction),
             *dy.stride(), *x.stride(), *out.stride(),
             mask_bits.stride(0),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],

@@ -14,8 +14,13 @@ loads a [rows, BLOCK_K//32] tile of words, broadcasts it against the 32 shift am
 gathered load per element. BLOCK_K (the tile extent along the weight's K axis) is therefore always
 a multiple of 32, and tiles along K start on word boundaries.
 
-Accumulation is fp32 (fp64 for fp64 inputs); fp32 inputs use exact fp32 products unless the caller
-passes allow_tf32=True. Operands may have arbitrary 2-D strides.
+Accumulation is fp32; fp32 inputs use exact fp32 products unless the caller passes allow_tf32=True.
+fp64 runs only under the interpreter (CPU tensors, for tests): on CUDA its tiles would spill, and
+exceed sm_80's shared memory, so the launchers refuse it. Operands may have arbitrary 2-D strides.
+
+Configs are chosen per dtype and architecture (reachable_configs): tensor-core tiles for fp16, bf16
+and TF32, narrow-K tiles for exact fp32 (FMA dots), fewer large tiles on sm_80, and a shared-memory
+budget from the device; kernels/aot.py compiles every one for sm_90a and sm_80 and fails on spills.
 """
 import contextlib
 import os
@@ -23,6 +28,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from sparse_engine.kernels.arch import device_arch, smem_limit
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,86 +43,168 @@ def _config(block_m, block_n, block_k, num_stages, num_warps):
 
 
 # _config(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): blocks are named after the op's M, N, K
-# axes whatever role each axis plays in a kernel. The interpreter gets one small config: with a
-# single config the autotuner launches without timing anything (timing needs a GPU).
+# axes whatever role each axis plays in a kernel.
+#
+# Tensor-core configs (fp16, bf16, and fp32 with allow_tf32), less those that spill (_SPILLS_*).
+_FWD_MMA = [
+    # large M (prefill, training): 8192x4096x4096 class problems
+    _config(128, 256, 64, 3, 8),
+    _config(128, 128, 64, 4, 8),
+    _config(128, 128, 64, 3, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    # small M (decode): the tile along M cannot go below 16 (tl.dot). Reading W dominates, so
+    # narrow N tiles (N = 4096 -> 128 or 256 programs) keep every SM streaming it.
+    _config(16, 16, 256, 4, 4),
+    _config(16, 32, 128, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 128, 128, 3, 4),
+    _config(32, 64, 128, 4, 4),
+    _config(32, 128, 64, 4, 4),
+]
+# dX (M, K): output tile BLOCK_M x BLOCK_K, reduction over N.
+_BWD_INPUT_MMA = [
+    _config(128, 64, 256, 3, 8),
+    _config(128, 64, 128, 4, 8),
+    _config(128, 64, 128, 3, 4),
+    _config(64, 64, 128, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    # small M: 32-column tiles (one mask word) give K = 4096 128 programs
+    _config(16, 128, 32, 4, 4),
+    _config(16, 128, 64, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(32, 64, 128, 4, 4),
+    _config(32, 128, 64, 4, 4),
+]
+# dW (N, K): output tile BLOCK_N x BLOCK_K, reduction over M.
+_BWD_WEIGHT_MMA = [
+    _config(64, 128, 256, 3, 8),
+    _config(64, 128, 128, 4, 8),
+    _config(64, 128, 128, 3, 4),
+    _config(64, 64, 128, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(16, 128, 128, 4, 4),
+    _config(32, 128, 128, 4, 4),
+    _config(32, 64, 64, 4, 4),
+]
+# Exact fp32 products (IEEE, torch's default for fp32) run on FMA units, where a dot operand of R
+# rows and C reduction columns holds R*C/threads values in registers: the tensor-core tiles above
+# spill 0.4-47 KB a thread. These keep the reduction slice narrow (16 or 32, the mask word for the
+# forward's K) and the output tile at most 64x64 (8 warps for the forward's 64x64).
+_FWD_FP32 = [
+    _config(64, 64, 32, 3, 8),
+    _config(64, 32, 32, 3, 4),
+    _config(32, 64, 32, 3, 4),
+    _config(16, 64, 32, 3, 4),
+    _config(16, 32, 32, 3, 4),
+]
+_BWD_INPUT_FP32 = [
+    _config(64, 16, 64, 3, 4),
+    _config(64, 32, 32, 3, 4),
+    _config(32, 16, 64, 3, 4),
+    _config(16, 16, 64, 3, 4),
+    _config(16, 32, 32, 3, 4),
+]
+_BWD_WEIGHT_FP32 = [
+    _config(16, 64, 64, 3, 4),
+    _config(32, 64, 32, 3, 4),
+    _config(16, 32, 64, 3, 4),
+    _config(16, 64, 32, 3, 4),
+]
+_TABLES = {
+    "fwd": (_FWD_MMA, _FWD_FP32, "BLOCK_K"),
+    "bwd_input": (_BWD_INPUT_MMA, _BWD_INPUT_FP32, "BLOCK_N"),
+    "bwd_weight": (_BWD_WEIGHT_MMA, _BWD_WEIGHT_FP32, "BLOCK_M"),
+}
+# Tensor-core configs that spill registers (ptxas -v through kernels/aot.py, Triton 3.9): with fp32
+# operands (TF32) on every architecture, and with 16-bit ones on sm_80, which holds the tile's
+# accumulator and operand fragments in registers that sm_90's wgmma keeps in shared memory.
+# Keys: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps).
+_SPILLS_TF32 = {
+    "fwd": {(128, 128, 64, 3, 4), (32, 64, 128, 4, 4)},
+    "bwd_input": {(128, 64, 128, 3, 4), (32, 128, 64, 4, 4)},
+    "bwd_weight": {(64, 128, 128, 3, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4)},
+}
+_SPILLS_SM80 = {
+    "fwd": {(128, 256, 64, 3, 8), (128, 128, 64, 3, 4)},
+    "bwd_input": {(128, 64, 128, 3, 4)},
+    "bwd_weight": {(64, 128, 128, 3, 4), (32, 128, 128, 4, 4)},
+}
+# The interpreter gets one small config: with a single config the autotuner launches without timing
+# anything (timing needs a GPU).
+_INTERPRETER_CONFIG = _config(32, 32, 32, 1, 4)
+# Margin between the operand-tile estimate below and the architecture's limit: the pipelined mask
+# words and the epilogue's scratch, which the estimate leaves out (kernels/aot.py checks the real
+# figure of every config this admits on sm_80 and sm_90a).
+_SMEM_MARGIN = 24 * 1024
+
+
+def _key(c) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps
+
+
+def _smem_estimate(c, reduce: str, itemsize: int) -> int:
+    out_r, out_c = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b != reduce)
+    return c.num_stages * (out_r + out_c) * c.kwargs[reduce] * itemsize
+
+
+def reachable_configs(kernel: str, dtype: torch.dtype, allow_tf32: bool, arch: int,
+                      smem: int | None = None) -> list:
+    """The configs kernel ("fwd", "bwd_input", "bwd_weight") may launch with for `dtype` on a GPU of
+    capability `arch` (major*10 + minor) with `smem` bytes of shared memory a block (default: the
+    architecture's). The autotuner narrows these further by M (see _pruner)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype: expected float16, bfloat16 or float32 on CUDA, got {dtype}")
+    mma, fp32, reduce = _TABLES[kernel]
+    if dtype == torch.float32 and not allow_tf32:
+        configs = fp32
+    else:
+        spills = _SPILLS_TF32[kernel] if dtype == torch.float32 else set()
+        if arch < 90:
+            spills = spills | _SPILLS_SM80[kernel]
+        configs = [c for c in mma if _key(c) not in spills]
+    budget = (smem_limit(arch) if smem is None else smem) - _SMEM_MARGIN
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fits = [c for c in configs if _smem_estimate(c, reduce, itemsize) <= budget]
+    if not fits:
+        # TF32 on a GPU with little shared memory (sm_86/89: 99 KiB): the narrow fp32 tiles fit.
+        fits = [c for c in fp32 if _smem_estimate(c, reduce, itemsize) <= budget]
+    return fits
+
+
 if _INTERPRET:
-    _FWD = _BWD_INPUT = _BWD_WEIGHT = [_config(32, 32, 32, 1, 4)]
+    _FWD = _BWD_INPUT = _BWD_WEIGHT = [_INTERPRETER_CONFIG]
 else:
-    _FWD = [
-        # large M (prefill, training): 8192x4096x4096 class problems
-        _config(128, 256, 64, 3, 8),
-        _config(128, 128, 64, 4, 8),
-        _config(128, 128, 64, 3, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        # small M (decode): the tile along M cannot go below 16 (tl.dot). Reading W dominates, so
-        # narrow N tiles (N = 4096 -> 128 or 256 programs) keep every SM streaming it.
-        _config(16, 16, 256, 4, 4),
-        _config(16, 32, 128, 4, 4),
-        _config(16, 64, 128, 4, 4),
-        _config(16, 128, 128, 3, 4),
-        _config(32, 64, 128, 4, 4),
-        _config(32, 128, 64, 4, 4),
-    ]
-    # dX (M, K): output tile BLOCK_M x BLOCK_K, reduction over N.
-    _BWD_INPUT = [
-        _config(128, 64, 256, 3, 8),
-        _config(128, 64, 128, 4, 8),
-        _config(128, 64, 128, 3, 4),
-        _config(64, 64, 128, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        # small M: 32-column tiles (one mask word) give K = 4096 128 programs
-        _config(16, 128, 32, 4, 4),
-        _config(16, 128, 64, 4, 4),
-        _config(16, 64, 128, 4, 4),
-        _config(32, 64, 128, 4, 4),
-        _config(32, 128, 64, 4, 4),
-    ]
-    # dW (N, K): output tile BLOCK_N x BLOCK_K, reduction over M.
-    _BWD_WEIGHT = [
-        _config(64, 128, 256, 3, 8),
-        _config(64, 128, 128, 4, 8),
-        _config(64, 128, 128, 3, 4),
-        _config(64, 64, 128, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        _config(16, 128, 128, 4, 4),
-        _config(32, 128, 128, 4, 4),
-        _config(32, 64, 64, 4, 4),
-    ]
+    _FWD, _BWD_INPUT, _BWD_WEIGHT = ([*mma, *fp32] for mma, fp32, _ in _TABLES.values())
 
 
-# H100/H200 give a block at most 227 KiB of shared memory; the margin covers the pipelined mask
-# words and the epilogue's scratch, which the operand-tile estimate below leaves out.
-_SMEM_BUDGET = 200 * 1024
-
-
-def _pruner(reduce: str, operand: str):
-    """early_config_prune for a kernel that reduces over the block named `reduce`.
-
-    Drops configs whose tile along M is far from M (a 128-row tile for M = 4 wastes 97% of the
-    work; a 16-row tile for M = 8192 never wins) and configs whose pipelined operand tiles do not
-    fit in shared memory (fp32 and fp64 with the larger tiles): timing them is wasted, and a list
-    left with none that fit would fail at launch."""
-    def smem(c, itemsize):
-        out_r, out_c = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b != reduce)
-        return c.num_stages * (out_r + out_c) * c.kwargs[reduce] * itemsize
-
+def _pruner(kernel: str, operand: str):
+    """early_config_prune: the configs reachable for the operand's dtype and device (reachable_configs),
+    then those whose tile along M suits M (a 128-row tile for M = 4 wastes 97% of the work; a 16-row
+    tile for M = 8192 never wins). M comes bucketed to a power of two (the autotune key), so every
+    M of a bucket gets the same choice."""
     def prune(configs, named_args, **kwargs):
-        size = named_args["M"]
-        itemsize = named_args[operand].element_size()
-        cap = max(16, triton.next_power_of_2(size))
-        floor = 64 if size >= 256 else 0
-        fits = [c for c in configs if smem(c, itemsize) <= _SMEM_BUDGET]
+        if _INTERPRET:
+            return configs
+        t = named_args[operand]
+        arch, smem = device_arch(t.device)
+        fits = reachable_configs(kernel, t.dtype, kwargs["PRECISION"] == "tf32", arch, smem)
+        bucket = named_args["M_BUCKET"]
+        cap = max(16, bucket)
+        floor = 64 if bucket >= 256 else 0
         kept = [c for c in fits if floor <= c.kwargs["BLOCK_M"] <= cap]
         if kept:
             return kept
         if fits:
             return [min(fits, key=lambda c: c.kwargs["BLOCK_M"])]
-        return [_config(min(64, cap), 64, 32, 2, 4)]
+        raise ValueError(f"{operand.removesuffix('_ptr')}: no {kernel} config fits {smem} B of shared memory "
+                         f"(sm_{arch}) for {t.dtype}")
     return prune
 
 
-_KEY = ["M", "N", "K", "PRECISION"]
+# M bucketed to a power of two: every new token count or batch size would otherwise re-run the
+# autotuner's timings (variable-length inference sees a new M on most calls).
+_KEY = ["M_BUCKET", "N", "K", "PRECISION"]
 
 
 @triton.jit
@@ -160,8 +249,12 @@ def _fwd_tile(
     offs_word = tl.arange(0, BLOCK_K // 32)
     num_words = tl.cdiv(K, 32)
 
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+    # int64 along K too: a transposed view of x has stride_xk = M, and BLOCK_K * M passes 2**31 at
+    # M ~ 8e6 rows (likewise W's stride_wk = N).
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :].to(tl.int64) * stride_wk
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
     bits_ptrs = bits_ptr + offs_n[:, None].to(tl.int64) * stride_bits_n + offs_word[None, :] * stride_bits_w
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32)
@@ -172,8 +265,8 @@ def _fwd_tile(
         words = tl.load(bits_ptrs, mask=offs_word[None, :] < num_words - kt * (BLOCK_K // 32), other=0)
         w = tl.where(_expand_bits(words, BLOCK_N, BLOCK_K), w, 0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
         bits_ptrs += (BLOCK_K // 32) * stride_bits_w
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -185,11 +278,11 @@ def _fwd_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_K", "x_ptr")})
-@triton.jit
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd", "x_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_linear_fwd_kernel(
     x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bits_n, stride_bits_w, stride_bias,
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -219,7 +312,9 @@ def _bwd_input_tile(
     offs_word = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
     word_ok = offs_word[None, :] < tl.cdiv(K, 32)
 
-    dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn
+    # int64 along N too: a transposed view of dy has stride_dyn = M.
+    dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+    dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :].to(tl.int64) * stride_wk
     bits_ptrs = bits_ptr + offs_n[:, None] * stride_bits_n + offs_word[None, :] * stride_bits_w
 
@@ -231,7 +326,7 @@ def _bwd_input_tile(
         words = tl.load(bits_ptrs, mask=n_ok[:, None] & word_ok, other=0)
         w = tl.where(_expand_bits(words, BLOCK_N, BLOCK_K), w, 0.0)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        dy_ptrs += BLOCK_N * stride_dyn
+        dy_ptrs += dy_step
         w_ptrs += BLOCK_N * stride_wn
         bits_ptrs += BLOCK_N * stride_bits_n
 
@@ -241,11 +336,12 @@ def _bwd_input_tile(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=_BWD_INPUT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "dy_ptr")})
-@triton.jit
+@triton.autotune(configs=_BWD_INPUT, key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("bwd_input", "dy_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_linear_bwd_input_kernel(
     dy_ptr, w_ptr, bits_ptr, dx_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bits_n, stride_bits_w,
     stride_dxm, stride_dxk,
     PRECISION: tl.constexpr,
@@ -300,11 +396,12 @@ def _bwd_weight_tile(
     tl.store(dw_ptrs, dw, mask=(rows[:, None] < N) & (cols[None, :] < K))
 
 
-@triton.autotune(configs=_BWD_WEIGHT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "x_ptr")})
-@triton.jit
+@triton.autotune(configs=_BWD_WEIGHT, key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("bwd_weight", "x_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_linear_bwd_weight_kernel(
     dy_ptr, x_ptr, bits_ptr, dw_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_bits_n, stride_bits_w,
     stride_dwn, stride_dwk,
     PRECISION: tl.constexpr,
@@ -336,6 +433,10 @@ def _check_first(name: str, t: torch.Tensor) -> None:
     # The interpreter runs on CPU tensors; compiled Triton needs CUDA memory.
     if not _INTERPRET and t.device.type != "cuda":
         raise ValueError(f"{name}: expected a CUDA tensor, got a tensor on '{t.device}'")
+    # fp64 tiles spill on sm_90 and need 181,760 B of shared memory on sm_80 (an out-of-resources
+    # launch): the fp64 path is for the CPU interpreter's tests only, not for GPUs.
+    if t.is_cuda and t.dtype == torch.float64:
+        raise ValueError(f"{name}: float64 is not supported on CUDA (use float32, or run float64 on the CPU)")
 
 
 def _check_mask_bits(mask_bits: torch.Tensor, rows: int, cols: int, device) -> None:
@@ -363,7 +464,8 @@ def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Te
                       bias: torch.Tensor | None = None, *, allow_tf32: bool = False) -> torch.Tensor:
     """y = x @ (weight * mask)^T + bias.
 
-    x (M, K), weight (N, K), bias (N,) or None: one dtype (fp16, bf16, fp32, fp64), any strides.
+    x (M, K), weight (N, K), bias (N,) or None: one dtype (fp16, bf16, fp32; fp64 under the
+    interpreter only), any strides.
     mask_bits (N, ceil(K/32)) int32. Returns a new contiguous (M, N) tensor in x's dtype.
     allow_tf32 lets fp32 products use TF32 tensor cores.
     """
@@ -387,7 +489,7 @@ def masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Te
     with _on_device_of(x):
         _masked_linear_fwd_kernel[grid](
             x, weight, mask_bits, bias if bias is not None else y, y,
-            M, N, K,
+            M, N, K, triton.next_power_of_2(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             mask_bits.stride(0), mask_bits.stride(1), bias.stride(0) if bias is not None else 0,
             y.stride(0), y.stride(1),
@@ -417,7 +519,7 @@ def masked_linear_bwd_input(dy: torch.Tensor, weight: torch.Tensor, mask_bits: t
     with _on_device_of(dy):
         _masked_linear_bwd_input_kernel[grid](
             dy, weight, mask_bits, dx,
-            M, N, K,
+            M, N, K, triton.next_power_of_2(M),
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
             mask_bits.stride(0), mask_bits.stride(1), dx.stride(0), dx.stride(1),
             PRECISION=_precision(dy.dtype, allow_tf32),
@@ -448,7 +550,7 @@ def masked_linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, mask_bits: torch
     with _on_device_of(x):
         _masked_linear_bwd_weight_kernel[grid](
             dy, x, mask_bits, dw,
-            M, N, K,
+            M, N, K, triton.next_power_of_2(M),
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             mask_bits.stride(0), mask_bits.stride(1), dw.stride(0), dw.stride(1),
             PRECISION=_precision(x.dtype, allow_tf32),

@@ -23,11 +23,11 @@ from sparse_engine.kernels.masked_linear import (_BWD_INPUT, _BWD_WEIGHT, _DTYPE
                                                  _precision, _pruner)
 
 
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_K", "x_ptr")})
-@triton.jit
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd", "x_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _stacked_fwd_kernel(
     x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk, stride_bits_s, stride_bits_n, stride_bits_w,
     stride_bias_s, stride_bias_n, stride_ys, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -41,11 +41,12 @@ def _stacked_fwd_kernel(
     )
 
 
-@triton.autotune(configs=_BWD_INPUT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", "dy_ptr")})
-@triton.jit
+@triton.autotune(configs=_BWD_INPUT, key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("bwd_input", "dy_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _stacked_bwd_input_kernel(
     dy_ptr, w_ptr, bits_ptr, dx_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_dys, stride_dym, stride_dyn, stride_ws, stride_wn, stride_wk, stride_bits_s, stride_bits_n,
     stride_bits_w, stride_dxs, stride_dxm, stride_dxk,
     PRECISION: tl.constexpr,
@@ -59,11 +60,12 @@ def _stacked_bwd_input_kernel(
     )
 
 
-@triton.autotune(configs=_BWD_WEIGHT, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "x_ptr")})
-@triton.jit
+@triton.autotune(configs=_BWD_WEIGHT, key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("bwd_weight", "x_ptr")})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _stacked_bwd_weight_kernel(
     dy_ptr, x_ptr, bits_ptr, dw_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_dys, stride_dym, stride_dyn, stride_xs, stride_xm, stride_xk, stride_bits_s, stride_bits_n,
     stride_bits_w, stride_dws, stride_dwn, stride_dwk,
     PRECISION: tl.constexpr,
@@ -120,7 +122,7 @@ def stacked_masked_linear_fwd(x: torch.Tensor, weight: torch.Tensor, mask_bits: 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), S)
     with _on_device_of(x):
         _stacked_fwd_kernel[grid](
-            x, weight, mask_bits, b, y, M, N, K,
+            x, weight, mask_bits, b, y, M, N, K, triton.next_power_of_2(M),
             *x.stride(), *weight.stride(), *mask_bits.stride(),
             b.stride(0) if bias is not None else 0, b.stride(1) if bias is not None else 0, *y.stride(),
             HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype, allow_tf32),
@@ -146,7 +148,7 @@ def stacked_masked_linear_bwd_input(dy: torch.Tensor, weight: torch.Tensor, mask
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]), S)
     with _on_device_of(dy):
         _stacked_bwd_input_kernel[grid](
-            dy, weight, mask_bits, dx, M, N, K,
+            dy, weight, mask_bits, dx, M, N, K, triton.next_power_of_2(M),
             *dy.stride(), *weight.stride(), *mask_bits.stride(), *dx.stride(),
             PRECISION=_precision(dy.dtype, allow_tf32),
         )
@@ -172,7 +174,7 @@ def stacked_masked_linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, mask_bit
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), S)
     with _on_device_of(x):
         _stacked_bwd_weight_kernel[grid](
-            dy, x, mask_bits, dw, M, N, K,
+            dy, x, mask_bits, dw, M, N, K, triton.next_power_of_2(M),
             *dy.stride(), *x.stride(), *mask_bits.stride(), *dw.stride(),
             PRECISION=_precision(x.dtype, allow_tf32),
         )

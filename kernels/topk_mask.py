@@ -45,6 +45,7 @@ per-slot table (int64 addresses cast to pointers): no copy, no per-tensor launch
 Memory: the (G, 65536) histogram, O(T + chunks) tables and per-chunk tie counts. One host sync,
 at the end, for the NaN counts that pass A gathers.
 """
+import contextlib
 import math
 import os
 
@@ -257,7 +258,10 @@ def _write_mask_kernel(
 # ---- launcher -----------------------------------------------------------------------------------
 
 def _table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host-built table on `device`; pinned and non-blocking so that no launch waits for it."""
+    """A small host-built table on `device`; pinned and non-blocking so that no launch waits for it.
+
+    The copy goes to the current stream of `device`, the stream the kernels launch on (topk_mask_fwd
+    runs under ``torch.cuda.device(device)``), so it is ordered before the launches that read it."""
     t = torch.tensor(rows, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
@@ -332,6 +336,15 @@ def topk_mask_fwd(scores: list[torch.Tensor], group: list[int], ks: list[int], l
     """
     group, ks = list(group), list(ks)
     sizes = _check_inputs(scores, group, ks)
+    # Triton launches on the current CUDA device and torch copies on its current stream: make both
+    # the scores' device, or launches land on another GPU and table copies race the kernels.
+    device = scores[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _select(scores, group, ks, sizes, largest)
+
+
+def _select(scores, group, ks, sizes, largest):
+    """topk_mask_fwd on checked arguments, on the scores' device."""
     device, dtype = scores[0].device, scores[0].dtype
     n_tensors, n_groups = len(scores), len(ks)
     key_bits = 32 if dtype == torch.float32 else 16

@@ -245,3 +245,39 @@ def test_rejects_cpu_tensors_without_interpreter(monkeypatch):
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         masked_conv2d_fwd(x, w, pack_bits(w > 0), None, (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_strided_bias(triton_device):
+    """A bias that is a strided view (every other element of a buffer) is read at its stride."""
+    conv = CONVS[5]
+    x, w, b, keep, dy = make_inputs(conv, torch.float32, triton_device, 0.5)
+    strided = torch.full((2 * conv.co,), float("nan"), device=triton_device)[::2].copy_(b)
+    y = masked_conv2d_fwd(x, w, pack_bits(keep), strided, *conv.conv_args)
+    want = F.conv2d(x.double(), w.double() * keep, b.double(), *conv.conv_args)
+    assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_groups_beyond_grid_axis(triton_device):
+    """groups run along the grid's z axis, which holds 65535 programs: more is refused by name."""
+    groups = 65536
+    x = torch.randn(1, groups, 1, 1, device=triton_device)
+    w = torch.randn(groups, 1, 1, 1, device=triton_device)
+    bits = pack_bits(torch.ones(w.shape, dtype=torch.bool, device=triton_device))
+    dy = torch.randn(1, groups, 1, 1, device=triton_device)
+    args = ((1, 1), (0, 0), (1, 1), groups)
+    with pytest.raises(ValueError, match="groups: expected at most 65535"):
+        masked_conv2d_fwd(x, w, bits, None, *args)
+    with pytest.raises(ValueError, match="groups: expected at most 65535"):
+        masked_conv2d_bwd_input(dy, w, bits, x.shape, *args)
+    with pytest.raises(ValueError, match="groups: expected at most 65535"):
+        masked_conv2d_bwd_weight(dy, x, bits, w.shape, *args)
+
+
+def test_autotune_keys_are_bucketed():
+    """Batch size and resolution enter the autotune key only as a power-of-two bucket of the GEMM's
+    M, so a new batch size or image size within a bucket reuses the tuned config."""
+    from sparse_engine.kernels import masked_conv2d as mc
+    for kernel in (mc._masked_conv2d_fwd_kernel, mc._masked_conv2d_bwd_input_kernel,
+                   mc._masked_conv2d_bwd_weight_kernel):
+        assert "M_BUCKET" in kernel.keys
+        assert not {"Nb", "H", "W", "OH", "OW"} & set(kernel.keys), kernel.keys

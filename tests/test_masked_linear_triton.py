@@ -216,3 +216,23 @@ def test_errors(triton_device):
         masked_linear_fwd(x.int(), w.int(), bits)
     with pytest.raises(ValueError, match=r"dy: expected shape \(7, 5\)"):
         masked_linear_bwd_weight(make((6, 5), fp32, triton_device), x, bits)
+
+
+def test_autotune_keys_are_bucketed():
+    """The token count M enters the autotune key only as a power-of-two bucket: variable-length
+    inference would otherwise re-run the autotuner's timings for most calls."""
+    from sparse_engine.kernels import masked_linear as ml
+    for kernel in (ml._masked_linear_fwd_kernel, ml._masked_linear_bwd_input_kernel,
+                   ml._masked_linear_bwd_weight_kernel):
+        assert "M_BUCKET" in kernel.keys and "M" not in kernel.keys, kernel.keys
+
+
+@pytest.mark.gpu
+def test_fp64_refused_on_cuda():
+    x = make((7, 40), fp64, "cuda")
+    w = make((5, 40), fp64, "cuda")
+    bits = pack_ref(torch.ones(5, 40, dtype=torch.bool)).to("cuda")
+    with pytest.raises(ValueError, match="x: float64 is not supported on CUDA"):
+        masked_linear_fwd(x, w, bits)
+    with pytest.raises(ValueError, match="dy: float64 is not supported on CUDA"):
+        masked_linear_bwd_input(make((7, 5), fp64, "cuda"), w, bits)

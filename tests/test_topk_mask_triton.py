@@ -250,3 +250,22 @@ def test_gpu_large_and_bf16(dtype, largest):
     check(scores, [0, 1, 1, 0], [n // 3, 1000], largest)
     check(ties, [0, 0, 0, 0], [n // 2], largest)
 
+
+
+@pytest.mark.gpu
+def test_gpu_side_stream_and_other_device():
+    """Launches on the scores' device and current stream: on a side stream (the table copies and
+    the kernels must be ordered on it) and, with two GPUs, with scores on a device other than the
+    current one."""
+    shapes = [(1024, 1031), (777_777,)]
+    scores = [torch.randn(s, device="cuda:0") for s in shapes]
+    n = sum(s.numel() for s in scores)
+    stream = torch.cuda.Stream("cuda:0")
+    stream.wait_stream(torch.cuda.current_stream("cuda:0"))
+    with torch.cuda.stream(stream):
+        check(scores, [0, 0], [n // 3], True)
+    if torch.cuda.device_count() > 1:
+        other = [s.to("cuda:1") for s in scores]
+        with torch.cuda.device(0):
+            out = check(other, [0, 0], [n // 3], True)
+        assert all(o.device == torch.device("cuda:1") for o in out)

@@ -39,6 +39,12 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
         bias: ``(Co,)`` or None.
         stride, padding, dilation: int or pair of ints (zero padding; use ``SparseConv2d`` for the
             other padding modes and for ``"same"``/``"valid"``).
+
+    Precision on CUDA: float32 follows ``torch.backends.cudnn.allow_tf32`` as ``F.conv2d`` does, and
+    that flag is True by default, so float32 products run on TF32 tensor cores (10-bit mantissas,
+    errors near 1e-3 relative) unless it is set to False; the raw float32 inputs are fed to the TF32
+    instructions, as cuDNN does. Compare with cuDNN under the same flag, or set it to False for
+    IEEE float32 products (slower). Accumulation is float32 for every input dtype.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
