@@ -1,4 +1,5 @@
-"""Triton kernels that pack a boolean keep-mask into int32 bit words and unpack it again.
+"""Triton kernels that pack a boolean keep-mask into int32 bit words, unpack it again, and apply
+it in place (zero the pruned elements of a tensor).
 
 Format (the one mask representation of sparse_engine): ``mask_bits`` is an int32 tensor of shape
 (rows, ceil(cols/32)); bit j (LSB = 0) of word w in row r is the keep-flag of element (r, 32*w + j).
@@ -83,6 +84,37 @@ def _unpack_mask_kernel(
     tl.store(mask_ptr + rows.to(tl.int64) * C + cols, flags.to(tl.uint8), mask=(rows < R) & (cols < C))
 
 
+@triton.jit
+def _apply_mask_kernel(
+    t_ptr, bits_ptr,
+    R, C, W,
+    stride_tr, stride_tc,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_w = tl.cdiv(W, BLOCK_W)
+    pid_r = pid // num_pid_w
+    pid_w = pid % num_pid_w
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_j = tl.arange(0, 32)
+
+    # Padding words load as all-ones (kept), so nothing outside the tensor is stored to.
+    words = tl.load(
+        bits_ptr + offs_r[:, None].to(tl.int64) * W + offs_w[None, :],
+        mask=(offs_r[:, None] < R) & (offs_w[None, :] < W), other=-1,
+    )
+    pruned = ((words[:, :, None] >> offs_j[None, None, :]) & 1) == 0
+
+    rows = offs_r[:, None, None]
+    cols = offs_w[None, :, None] * 32 + offs_j[None, None, :]
+    # A store only: kept elements are never read or written.
+    ptrs = t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc
+    zeros = tl.zeros([BLOCK_R, BLOCK_W, 32], dtype=t_ptr.dtype.element_ty)
+    tl.store(ptrs, zeros, mask=pruned & (rows < R) & (cols < C))
+
+
 def _on_device_of(t: torch.Tensor):
     # Triton launches on the current CUDA device, which need not be the one holding the tensors.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -147,3 +179,28 @@ def unpack_mask_fwd(bits: torch.Tensor, cols: int) -> torch.Tensor:
             BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
         )
     return mask
+
+
+def apply_mask_fwd(t: torch.Tensor, bits: torch.Tensor) -> None:
+    """Set the pruned elements of ``t`` to zero in place (kept elements are not touched).
+
+    t: (R, C), any dtype of 1-8 bytes, any strides. bits: contiguous int32 (R, ceil(C/32)).
+    """
+    if t.dim() != 2:
+        raise ValueError(f"t: expected a 2-D tensor (rows, cols), got shape {tuple(t.shape)}")
+    R, C = t.shape
+    if bits.dtype != torch.int32 or tuple(bits.shape) != (R, triton.cdiv(C, 32)) or not bits.is_contiguous():
+        raise ValueError(f"bits: expected a contiguous torch.int32 tensor of shape {(R, triton.cdiv(C, 32))}, "
+                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
+    _check_device("t", t)
+    if t.numel() == 0:
+        return
+    W = bits.shape[1]
+    grid = (triton.cdiv(R, _BLOCK_R) * triton.cdiv(W, _BLOCK_W),)
+    # bool has no Triton pointer type the interpreter stores to; a uint8 view shares its bytes.
+    data = t.view(torch.uint8) if t.dtype == torch.bool else t
+    with _on_device_of(t):
+        _apply_mask_kernel[grid](
+            data, bits, R, C, W, data.stride(0), data.stride(1),
+            BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
+        )

@@ -8,6 +8,25 @@ namespace {
 // Below this many words a parallel region costs more than the work it splits.
 constexpr int64_t kParallelWords = 1 << 12;
 
+template <typename word_t>
+void apply_mask_kernel(word_t* data, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
+                       const int32_t* bits) {
+  const int64_t words_per_row = (cols + 31) / 32;
+  const int64_t total = rows * words_per_row;
+#pragma omp parallel for schedule(static) if (total >= kParallelWords)
+  for (int64_t i = 0; i < total; ++i) {
+    const uint32_t word = static_cast<uint32_t>(bits[i]);
+    if (word == 0xffffffffu) continue;  // all 32 kept (padding bits are 0, so never a partial last word)
+    const int64_t r = i / words_per_row;
+    const int64_t c0 = (i % words_per_row) * 32;
+    const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
+    word_t* dst = data + r * stride_row + c0 * stride_col;
+    for (int j = 0; j < n; ++j) {
+      if (!((word >> j) & 1u)) dst[j * stride_col] = word_t(0);
+    }
+  }
+}
+
 }  // namespace
 
 void pack_mask(const uint8_t* mask, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
@@ -38,6 +57,18 @@ void unpack_mask(const int32_t* bits, int64_t rows, int64_t cols, uint8_t* mask)
     const uint32_t word = static_cast<uint32_t>(bits[i]);
     uint8_t* dst = mask + r * cols + c0;
     for (int j = 0; j < n; ++j) dst[j] = static_cast<uint8_t>((word >> j) & 1u);
+  }
+}
+
+void apply_mask(void* data, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
+                const int32_t* bits) {
+  // Zeroing is a store of zero bytes, so only the element size matters, not the dtype.
+  switch (elem_size) {
+    case 1: return apply_mask_kernel(static_cast<uint8_t*>(data), rows, cols, stride_row, stride_col, bits);
+    case 2: return apply_mask_kernel(static_cast<uint16_t*>(data), rows, cols, stride_row, stride_col, bits);
+    case 4: return apply_mask_kernel(static_cast<uint32_t*>(data), rows, cols, stride_row, stride_col, bits);
+    case 8: return apply_mask_kernel(static_cast<uint64_t*>(data), rows, cols, stride_row, stride_col, bits);
+    default: return;  // the caller checks elem_size
   }
 }
 
