@@ -83,6 +83,7 @@ bench: setup
 	$(PY) bench/bench_block_solve.py $(BENCH_ARGS)
 	$(PY) bench/bench_sweep.py $(BENCH_ARGS)
 	$(PY) bench/bench_dst.py $(BENCH_ARGS)
+	$(PY) bench/bench_models.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build build-cmake *.egg-info sparse_engine/_C*.so $(BUILD_STAMP)
