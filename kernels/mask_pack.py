@@ -1,5 +1,5 @@
 """Triton kernels that pack a boolean keep-mask into int32 bit words, unpack it again, and apply
-it in place (zero the pruned elements of a tensor).
+it: in place (zero the pruned elements of a tensor) or as a masked copy (``t * M``).
 
 Format (the one mask representation of sparse_engine): ``mask_bits`` is an int32 tensor of shape
 (rows, ceil(cols/32)); bit j (LSB = 0) of word w in row r is the keep-flag of element (r, 32*w + j).
@@ -115,6 +115,37 @@ def _apply_mask_kernel(
     tl.store(ptrs, zeros, mask=pruned & (rows < R) & (cols < C))
 
 
+@triton.jit
+def _masked_copy_kernel(
+    t_ptr, bits_ptr, out_ptr,
+    R, C, W,
+    stride_tr, stride_tc,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_w = tl.cdiv(W, BLOCK_W)
+    pid_r = pid // num_pid_w
+    pid_w = pid % num_pid_w
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_j = tl.arange(0, 32)
+
+    words = tl.load(
+        bits_ptr + offs_r[:, None].to(tl.int64) * W + offs_w[None, :],
+        mask=(offs_r[:, None] < R) & (offs_w[None, :] < W), other=0,
+    )
+    kept = ((words[:, :, None] >> offs_j[None, None, :]) & 1) != 0
+
+    rows = offs_r[:, None, None]
+    cols = offs_w[None, :, None] * 32 + offs_j[None, None, :]
+    inside = (rows < R) & (cols < C)
+    # Pruned elements are not read: `other` is the zero they become (NaN or inf there cannot leak).
+    values = tl.load(t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc, mask=kept & inside,
+                     other=0)
+    tl.store(out_ptr + rows.to(tl.int64) * C + cols, values, mask=inside)
+
+
 def _on_device_of(t: torch.Tensor):
     # Triton launches on the current CUDA device, which need not be the one holding the tensors.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -204,3 +235,28 @@ def apply_mask_fwd(t: torch.Tensor, bits: torch.Tensor) -> None:
             data, bits, R, C, W, data.stride(0), data.stride(1),
             BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
         )
+
+
+def masked_copy_fwd(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``t * M`` as a new contiguous tensor: kept elements copied, pruned ones zero (never read).
+
+    t: (R, C), float dtypes, any strides. bits: contiguous int32 (R, ceil(C/32)).
+    """
+    if t.dim() != 2:
+        raise ValueError(f"t: expected a 2-D tensor (rows, cols), got shape {tuple(t.shape)}")
+    R, C = t.shape
+    if bits.dtype != torch.int32 or tuple(bits.shape) != (R, triton.cdiv(C, 32)) or not bits.is_contiguous():
+        raise ValueError(f"bits: expected a contiguous torch.int32 tensor of shape {(R, triton.cdiv(C, 32))}, "
+                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
+    _check_device("t", t)
+    out = torch.empty((R, C), dtype=t.dtype, device=t.device)
+    if out.numel() == 0:
+        return out
+    W = bits.shape[1]
+    grid = (triton.cdiv(R, _BLOCK_R) * triton.cdiv(W, _BLOCK_W),)
+    with _on_device_of(t):
+        _masked_copy_kernel[grid](
+            t, bits, out, R, C, W, t.stride(0), t.stride(1),
+            BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
+        )
+    return out

@@ -5,7 +5,7 @@ On a machine without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (se
 import pytest
 import torch
 
-from sparse_engine.kernels.mask_pack import apply_mask_fwd, pack_mask_fwd, unpack_mask_fwd
+from sparse_engine.kernels.mask_pack import apply_mask_fwd, masked_copy_fwd, pack_mask_fwd, unpack_mask_fwd
 
 
 def pack_ref(mask: torch.Tensor) -> torch.Tensor:
@@ -126,3 +126,23 @@ def test_apply_mask_errors(triton_device):
     with pytest.raises(ValueError, match=r"bits: expected a contiguous torch.int32 tensor of shape \(4, 2\)"):
         apply_mask_fwd(torch.ones(4, 40, device=triton_device), torch.zeros(4, 3, dtype=torch.int32,
                                                                           device=triton_device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (7, 33), (131, 97)], ids=lambda v: str(v))
+def test_masked_copy(triton_device, rows, cols, dtype):
+    t = (torch.randn(rows, cols) + 3).to(dtype)
+    t[0, 0] = float("nan")  # pruned or kept, a NaN must stay where it is
+    mask = torch.rand(rows, cols) < 0.5
+    out = masked_copy_fwd(t.to(triton_device), pack_ref(mask).to(triton_device)).cpu()
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out[mask], t[mask]) or (mask[0, 0] and out[mask].isnan().sum() == 1)
+    assert (out[~mask] == 0).all() and not out[~mask].signbit().any()
+
+
+def test_masked_copy_strided(triton_device):
+    base = torch.randn(40, 9)
+    t = base.t().to(triton_device)[:, :37]
+    mask = torch.rand(9, 37) < 0.5
+    out = masked_copy_fwd(t, pack_ref(mask).to(triton_device))
+    assert torch.equal(out.cpu(), base.t()[:, :37] * mask)

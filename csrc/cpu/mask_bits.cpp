@@ -27,6 +27,23 @@ void apply_mask_kernel(word_t* data, int64_t rows, int64_t cols, int64_t stride_
   }
 }
 
+template <typename word_t>
+void masked_copy_kernel(const word_t* src, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
+                        const int32_t* bits, word_t* dst) {
+  const int64_t words_per_row = (cols + 31) / 32;
+  const int64_t total = rows * words_per_row;
+#pragma omp parallel for schedule(static) if (total >= kParallelWords)
+  for (int64_t i = 0; i < total; ++i) {
+    const uint32_t word = static_cast<uint32_t>(bits[i]);
+    const int64_t r = i / words_per_row;
+    const int64_t c0 = (i % words_per_row) * 32;
+    const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
+    const word_t* s = src + r * stride_row + c0 * stride_col;
+    word_t* d = dst + r * cols + c0;
+    for (int j = 0; j < n; ++j) d[j] = ((word >> j) & 1u) ? s[j * stride_col] : word_t(0);
+  }
+}
+
 }  // namespace
 
 void pack_mask(const uint8_t* mask, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
@@ -68,6 +85,21 @@ void apply_mask(void* data, int64_t elem_size, int64_t rows, int64_t cols, int64
     case 2: return apply_mask_kernel(static_cast<uint16_t*>(data), rows, cols, stride_row, stride_col, bits);
     case 4: return apply_mask_kernel(static_cast<uint32_t*>(data), rows, cols, stride_row, stride_col, bits);
     case 8: return apply_mask_kernel(static_cast<uint64_t*>(data), rows, cols, stride_row, stride_col, bits);
+    default: return;  // the caller checks elem_size
+  }
+}
+
+void masked_copy(const void* src, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
+                 int64_t stride_col, const int32_t* bits, void* dst) {
+  switch (elem_size) {
+    case 1: return masked_copy_kernel(static_cast<const uint8_t*>(src), rows, cols, stride_row, stride_col, bits,
+                                      static_cast<uint8_t*>(dst));
+    case 2: return masked_copy_kernel(static_cast<const uint16_t*>(src), rows, cols, stride_row, stride_col, bits,
+                                      static_cast<uint16_t*>(dst));
+    case 4: return masked_copy_kernel(static_cast<const uint32_t*>(src), rows, cols, stride_row, stride_col, bits,
+                                      static_cast<uint32_t*>(dst));
+    case 8: return masked_copy_kernel(static_cast<const uint64_t*>(src), rows, cols, stride_row, stride_col, bits,
+                                      static_cast<uint64_t*>(dst));
     default: return;  // the caller checks elem_size
   }
 }

@@ -21,4 +21,9 @@ void unpack_mask(const int32_t* bits, int64_t rows, int64_t cols, uint8_t* mask)
 void apply_mask(void* data, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
                 const int32_t* bits);
 
+// dst (contiguous (rows, cols)) = src * mask: kept elements copied from src (element strides
+// stride_row / stride_col), pruned ones all-zero bytes. elem_size is 1, 2, 4 or 8.
+void masked_copy(const void* src, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
+                 int64_t stride_col, const int32_t* bits, void* dst);
+
 }  // namespace sparse_engine::cpu
