@@ -57,12 +57,9 @@ def _pack_mask_kernel(
 
 
 @triton.jit
-def _unpack_mask_kernel(
-    bits_ptr, mask_ptr,
-    R, C, W,
-    stride_br, stride_bw,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-):
+def _tile_flags(bits_ptr, R, C, W, stride_br, stride_bw, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's tile of BLOCK_R rows x BLOCK_W words: its keep-flags as a [BLOCK_R, BLOCK_W, 32]
+    block of 0/1, the element rows and columns, and which elements lie inside the (R, C) tensor."""
     pid = tl.program_id(0)
     num_pid_w = tl.cdiv(W, BLOCK_W)
     pid_r = pid // num_pid_w
@@ -81,7 +78,18 @@ def _unpack_mask_kernel(
 
     rows = offs_r[:, None, None]
     cols = offs_w[None, :, None] * 32 + offs_j[None, None, :]
-    tl.store(mask_ptr + rows.to(tl.int64) * C + cols, flags.to(tl.uint8), mask=(rows < R) & (cols < C))
+    return flags, rows, cols, (rows < R) & (cols < C)
+
+
+@triton.jit
+def _unpack_mask_kernel(
+    bits_ptr, mask_ptr,
+    R, C, W,
+    stride_br, stride_bw,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    flags, rows, cols, inside = _tile_flags(bits_ptr, R, C, W, stride_br, stride_bw, BLOCK_R, BLOCK_W)
+    tl.store(mask_ptr + rows.to(tl.int64) * C + cols, flags.to(tl.uint8), mask=inside)
 
 
 @triton.jit
@@ -91,28 +99,11 @@ def _apply_mask_kernel(
     stride_tr, stride_tc,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_w = tl.cdiv(W, BLOCK_W)
-    pid_r = pid // num_pid_w
-    pid_w = pid % num_pid_w
-
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_j = tl.arange(0, 32)
-
-    # Padding words load as all-ones (kept), so nothing outside the tensor is stored to.
-    words = tl.load(
-        bits_ptr + offs_r[:, None].to(tl.int64) * W + offs_w[None, :],
-        mask=(offs_r[:, None] < R) & (offs_w[None, :] < W), other=-1,
-    )
-    pruned = ((words[:, :, None] >> offs_j[None, None, :]) & 1) == 0
-
-    rows = offs_r[:, None, None]
-    cols = offs_w[None, :, None] * 32 + offs_j[None, None, :]
+    flags, rows, cols, inside = _tile_flags(bits_ptr, R, C, W, W, 1, BLOCK_R, BLOCK_W)
     # A store only: kept elements are never read or written.
     ptrs = t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc
     zeros = tl.zeros([BLOCK_R, BLOCK_W, 32], dtype=t_ptr.dtype.element_ty)
-    tl.store(ptrs, zeros, mask=pruned & (rows < R) & (cols < C))
+    tl.store(ptrs, zeros, mask=(flags == 0) & inside)
 
 
 @triton.jit
@@ -122,27 +113,10 @@ def _masked_copy_kernel(
     stride_tr, stride_tc,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_w = tl.cdiv(W, BLOCK_W)
-    pid_r = pid // num_pid_w
-    pid_w = pid % num_pid_w
-
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_j = tl.arange(0, 32)
-
-    words = tl.load(
-        bits_ptr + offs_r[:, None].to(tl.int64) * W + offs_w[None, :],
-        mask=(offs_r[:, None] < R) & (offs_w[None, :] < W), other=0,
-    )
-    kept = ((words[:, :, None] >> offs_j[None, None, :]) & 1) != 0
-
-    rows = offs_r[:, None, None]
-    cols = offs_w[None, :, None] * 32 + offs_j[None, None, :]
-    inside = (rows < R) & (cols < C)
+    flags, rows, cols, inside = _tile_flags(bits_ptr, R, C, W, W, 1, BLOCK_R, BLOCK_W)
     # Pruned elements are not read: `other` is the zero they become (NaN or inf there cannot leak).
-    values = tl.load(t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc, mask=kept & inside,
-                     other=0)
+    values = tl.load(t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc,
+                     mask=(flags != 0) & inside, other=0)
     tl.store(out_ptr + rows.to(tl.int64) * C + cols, values, mask=inside)
 
 
@@ -212,21 +186,27 @@ def unpack_mask_fwd(bits: torch.Tensor, cols: int) -> torch.Tensor:
     return mask
 
 
+def _check_elementwise(t: torch.Tensor, bits: torch.Tensor) -> tuple[int, int, int]:
+    """Checks of the element-wise launchers; returns (R, C, W)."""
+    if t.dim() != 2:
+        raise ValueError(f"t: expected a 2-D tensor (rows, cols), got shape {tuple(t.shape)}")
+    R, C = t.shape
+    W = triton.cdiv(C, 32)
+    if bits.dtype != torch.int32 or tuple(bits.shape) != (R, W) or not bits.is_contiguous():
+        raise ValueError(f"bits: expected a contiguous torch.int32 tensor of shape {(R, W)}, "
+                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
+    _check_device("t", t)
+    return R, C, W
+
+
 def apply_mask_fwd(t: torch.Tensor, bits: torch.Tensor) -> None:
     """Set the pruned elements of ``t`` to zero in place (kept elements are not touched).
 
     t: (R, C), any dtype of 1-8 bytes, any strides. bits: contiguous int32 (R, ceil(C/32)).
     """
-    if t.dim() != 2:
-        raise ValueError(f"t: expected a 2-D tensor (rows, cols), got shape {tuple(t.shape)}")
-    R, C = t.shape
-    if bits.dtype != torch.int32 or tuple(bits.shape) != (R, triton.cdiv(C, 32)) or not bits.is_contiguous():
-        raise ValueError(f"bits: expected a contiguous torch.int32 tensor of shape {(R, triton.cdiv(C, 32))}, "
-                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
-    _check_device("t", t)
+    R, C, W = _check_elementwise(t, bits)
     if t.numel() == 0:
         return
-    W = bits.shape[1]
     grid = (triton.cdiv(R, _BLOCK_R) * triton.cdiv(W, _BLOCK_W),)
     # bool has no Triton pointer type the interpreter stores to; a uint8 view shares its bytes.
     data = t.view(torch.uint8) if t.dtype == torch.bool else t
@@ -242,17 +222,10 @@ def masked_copy_fwd(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
     t: (R, C), float dtypes, any strides. bits: contiguous int32 (R, ceil(C/32)).
     """
-    if t.dim() != 2:
-        raise ValueError(f"t: expected a 2-D tensor (rows, cols), got shape {tuple(t.shape)}")
-    R, C = t.shape
-    if bits.dtype != torch.int32 or tuple(bits.shape) != (R, triton.cdiv(C, 32)) or not bits.is_contiguous():
-        raise ValueError(f"bits: expected a contiguous torch.int32 tensor of shape {(R, triton.cdiv(C, 32))}, "
-                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
-    _check_device("t", t)
+    R, C, W = _check_elementwise(t, bits)
     out = torch.empty((R, C), dtype=t.dtype, device=t.device)
     if out.numel() == 0:
         return out
-    W = bits.shape[1]
     grid = (triton.cdiv(R, _BLOCK_R) * triton.cdiv(W, _BLOCK_W),)
     with _on_device_of(t):
         _masked_copy_kernel[grid](
