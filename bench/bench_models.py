@@ -17,6 +17,9 @@ thread and with torch's default thread count (--quick: one thread; --threads: th
 Masks are chosen at initialisation, where global magnitude empties some layers (ResNet-18's last
 blocks, whose fan-in is largest); none of the three methods' work depends on which weights are kept.
 
+Our masked ops choose their implementation by measurement (sparse_engine.ops.dispatch) during the
+warm-up; the table counts the choices made.
+
 Before timing, a guard (exit status 1, nothing written) checks that ours and torch's prune chose
 the same number of weights and that their forwards agree; after timing, that our pruned weights
 are still exact zeros.
@@ -47,6 +50,7 @@ from timing import Times, interleaved_ms
 from sparse_engine import mask_optimizer, prune_, sparse_modules, sparsify
 from sparse_engine.models import example_batch, fashion_cnn, fashion_mlp, resnet18, transformer
 from sparse_engine.nn.masked_module import MaskedWeight
+from sparse_engine.ops import dispatch
 
 BENCH = "models"
 SPARSITY = 0.9
@@ -211,13 +215,16 @@ def bench_case(w: Workload, device: torch.device, threads: list[int], args, meta
     rows = []
     for t in threads:
         torch.set_num_threads(t)
+        dispatch.clear()  # measured again for this thread count, in the warm-up of the first round
         times = measure(case, device, args.quick)
+        picked = list(dispatch.choices().values())
         for method, tm in times.items():
             rows.append({
                 **meta, "bench": BENCH, "model": w.name, "batch": w.batch_size, "threads": t, "method": method,
                 "label": LABELS[method], "sparsity": SPARSITY, "masked_weights": weights,
                 "ms": tm.median, "ms_p20": tm.p20, "ms_p80": tm.p80,
                 "over_dense": tm.median / times["dense"].median, "over_prune": tm.median / times["prune"].median,
+                "dispatch": {impl: picked.count(impl) for impl in dispatch.IMPLEMENTATIONS} if method == "ours" else None,
             })
     check_after(case, w.name)
     return rows
@@ -238,6 +245,7 @@ COLUMNS = [
     ("ours / torch prune", lambda r: f"{r['over_prune']:.3f}"),
     ("torch prune / dense", lambda r: f"{r['prune_ms'] / r['dense_ms']:.3f}"),
     (f"goal (<= {GOAL_OVER_DENSE}x dense, <= prune)", lambda r: "met" if goal_met(r) else "NOT met"),
+    ("dispatch (ops: fused / materialized)", lambda r: " / ".join(str(v) for v in r["dispatch"].values())),
 ]
 
 

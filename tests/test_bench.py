@@ -506,6 +506,10 @@ def test_models_cpu_quick_run_writes_rows_and_table(tmp_path, models_bench):
         assert r["ms"] > 0 and r["git_sha"] and r["quick"] is True and r["threads"] == 1
         assert r["over_dense"] == pytest.approx(r["ms"] / by[r["model"], "dense"]["ms"])
         assert r["over_prune"] == pytest.approx(r["ms"] / by[r["model"], "prune"]["ms"])
+        if r["method"] == "ours":  # every model has a masked linear or conv layer: choices were made
+            assert set(r["dispatch"]) == {"fused", "materialized"} and sum(r["dispatch"].values()) > 0
+        else:
+            assert r["dispatch"] is None
     (md,) = tmp_path.glob("models_cpu-*.md")
     text = md.read_text()
     assert sum(line.startswith(f"| {n} |") for n in names for line in text.splitlines()) == len(names)
