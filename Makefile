@@ -83,6 +83,7 @@ bench: setup
 	$(PY) bench/bench_block_solve.py $(BENCH_ARGS)
 	$(PY) bench/bench_sweep.py $(BENCH_ARGS)
 	$(PY) bench/bench_dst.py $(BENCH_ARGS)
+	$(PY) bench/bench_models.py $(BENCH_ARGS)
 
 # Every Triton kernel, autotune config and dtype compiled for sm_90a and sm_80 without a GPU; fails on a
 # compile error, a register spill or shared memory over the limit (kernels/aot.py; `make test` runs a

@@ -226,6 +226,31 @@ at::Tensor unpack_mask(const at::Tensor& mask_bits, int64_t cols) {
   return mask;
 }
 
+// The checks of the CPU element-wise mask ops (CUDA tensors take the Triton kernels in kernels/mask_pack.py).
+at::Tensor checked_elementwise(const at::Tensor& t, const at::Tensor& mask_bits, const char* op) {
+  TORCH_CHECK(t.is_cpu(), op, ": t must be a CPU tensor, got one on ", t.device());
+  check_matrix(t, "t", op);
+  TORCH_CHECK(t.element_size() == 1 || t.element_size() == 2 || t.element_size() == 4 || t.element_size() == 8, op,
+              ": t must have 1, 2, 4 or 8-byte elements, got ", t.scalar_type());
+  TORCH_CHECK(!t.is_complex(), op, ": t must be a real tensor, got ", t.scalar_type());
+  return checked_mask_bits(mask_bits, t, "t", t.size(0), t.size(1), op);
+}
+
+at::Tensor masked_copy(const at::Tensor& t, const at::Tensor& mask_bits) {
+  const at::Tensor bits = checked_elementwise(t, mask_bits, "masked_copy");
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  sparse_engine::cpu::masked_copy(t.const_data_ptr(), t.element_size(), t.size(0), t.size(1), t.stride(0),
+                                  t.stride(1), bits.const_data_ptr<int32_t>(), out.data_ptr());
+  return out;
+}
+
+void apply_mask_(at::Tensor& t, const at::Tensor& mask_bits) {
+  const at::Tensor bits = checked_elementwise(t, mask_bits, "apply_mask_");
+  const int64_t rows = t.size(0), cols = t.size(1);
+  sparse_engine::cpu::apply_mask(t.data_ptr(), t.element_size(), rows, cols, t.stride(0), t.stride(1),
+                                 bits.const_data_ptr<int32_t>());
+}
+
 at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_bits,
                              const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "masked_linear_fwd";
@@ -351,6 +376,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "pack_mask(mask: bool (R, C), any strides) -> int32 (R, ceil(C / 32)), on mask's device.");
   m.def("unpack_mask", &unpack_mask, release_gil(), py::arg("mask_bits"), py::arg("cols"),
         "unpack_mask(mask_bits: int32 (R, ceil(cols / 32)), cols: int) -> bool (R, cols).");
+  m.def("apply_mask_", &apply_mask_, release_gil(), py::arg("t"), py::arg("mask_bits"),
+        "apply_mask_(t: CPU (R, C) any strides, mask_bits: int32 (R, ceil(C / 32))): pruned elements of t set to 0.");
+  m.def("masked_copy", &masked_copy, release_gil(), py::arg("t"), py::arg("mask_bits"),
+        "masked_copy(t: CPU (R, C) any strides, mask_bits: int32 (R, ceil(C / 32))) -> contiguous t * M.");
   m.def("masked_linear_fwd", &masked_linear_fwd, release_gil(), py::arg("x"), py::arg("weight"),
         py::arg("mask_bits"), py::arg("bias") = py::none(),
         "masked_linear_fwd(x (M, K), weight (N, K), mask_bits (N, ceil(K / 32)), bias (N,) or None) -> "

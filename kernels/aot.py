@@ -214,6 +214,17 @@ def _mask_pack_variants(arch):
     yield Variant(f"sm{arch} mask_pack.unpack", arch, "mask_pack", "_unpack_mask_kernel",
                   (("bits_ptr", torch.int32), ("mask_ptr", torch.uint8)), blocks + (("stride_bw", 1),),
                   ("C", "W", "stride_br"))
+    # apply_mask_ zeroes weights and optimizer state (and bool masks through a uint8 view); masked_copy
+    # builds W*M for the vendor ops. Contiguous rows: unit column stride.
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8):
+        tag = _TRITON_TYPES[dtype]
+        yield Variant(f"sm{arch} mask_pack.apply {tag}", arch, "mask_pack", "_apply_mask_kernel",
+                      (("t_ptr", dtype), ("bits_ptr", torch.int32)), blocks + (("stride_tc", 1),),
+                      ("C", "W", "stride_tr"))
+        if dtype.is_floating_point:
+            yield Variant(f"sm{arch} mask_pack.masked_copy {tag}", arch, "mask_pack", "_masked_copy_kernel",
+                          (("t_ptr", dtype), ("bits_ptr", torch.int32), ("out_ptr", dtype)),
+                          blocks + (("stride_tc", 1),), ("C", "W", "stride_tr"))
 
 
 _MODULES = ("masked_linear", "stacked_masked_linear", "masked_conv2d", "topk_mask", "block_solve", "mask_pack")
@@ -232,6 +243,7 @@ _SUBSET_PATTERNS = (
     r"^sm90 topk_mask\.write_mask fp32 largest$",
     r"^sm90 block_solve\.cholesky BS64 one_block=False",
     r"^sm90 mask_pack\.pack$",
+    r"^sm90 mask_pack\.masked_copy fp32$",
 )
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels that pack a boolean keep-mask into int32 bit words and unpack it again.
+"""Triton kernels that pack a boolean keep-mask into int32 bit words, unpack it again, and apply
+it: in place (zero the pruned elements of a tensor) or as a masked copy (``t * M``).
 
 Format (the one mask representation of sparse_engine): ``mask_bits`` is an int32 tensor of shape
 (rows, ceil(cols/32)); bit j (LSB = 0) of word w in row r is the keep-flag of element (r, 32*w + j).
@@ -56,12 +57,9 @@ def _pack_mask_kernel(
 
 
 @triton.jit
-def _unpack_mask_kernel(
-    bits_ptr, mask_ptr,
-    R, C, W,
-    stride_br, stride_bw,
-    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-):
+def _tile_flags(bits_ptr, R, C, W, stride_br, stride_bw, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's tile of BLOCK_R rows x BLOCK_W words: its keep-flags as a [BLOCK_R, BLOCK_W, 32]
+    block of 0/1, the element rows and columns, and which elements lie inside the (R, C) tensor."""
     pid = tl.program_id(0)
     num_pid_w = tl.cdiv(W, BLOCK_W)
     pid_r = pid // num_pid_w
@@ -80,7 +78,46 @@ def _unpack_mask_kernel(
 
     rows = offs_r[:, None, None]
     cols = offs_w[None, :, None] * 32 + offs_j[None, None, :]
-    tl.store(mask_ptr + rows.to(tl.int64) * C + cols, flags.to(tl.uint8), mask=(rows < R) & (cols < C))
+    return flags, rows, cols, (rows < R) & (cols < C)
+
+
+@triton.jit
+def _unpack_mask_kernel(
+    bits_ptr, mask_ptr,
+    R, C, W,
+    stride_br, stride_bw,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    flags, rows, cols, inside = _tile_flags(bits_ptr, R, C, W, stride_br, stride_bw, BLOCK_R, BLOCK_W)
+    tl.store(mask_ptr + rows.to(tl.int64) * C + cols, flags.to(tl.uint8), mask=inside)
+
+
+@triton.jit
+def _apply_mask_kernel(
+    t_ptr, bits_ptr,
+    R, C, W,
+    stride_tr, stride_tc,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    flags, rows, cols, inside = _tile_flags(bits_ptr, R, C, W, W, 1, BLOCK_R, BLOCK_W)
+    # A store only: kept elements are never read or written.
+    ptrs = t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc
+    zeros = tl.zeros([BLOCK_R, BLOCK_W, 32], dtype=t_ptr.dtype.element_ty)
+    tl.store(ptrs, zeros, mask=(flags == 0) & inside)
+
+
+@triton.jit
+def _masked_copy_kernel(
+    t_ptr, bits_ptr, out_ptr,
+    R, C, W,
+    stride_tr, stride_tc,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    flags, rows, cols, inside = _tile_flags(bits_ptr, R, C, W, W, 1, BLOCK_R, BLOCK_W)
+    # Pruned elements are not read: `other` is the zero they become (NaN or inf there cannot leak).
+    values = tl.load(t_ptr + rows.to(tl.int64) * stride_tr + cols.to(tl.int64) * stride_tc,
+                     mask=(flags != 0) & inside, other=0)
+    tl.store(out_ptr + rows.to(tl.int64) * C + cols, values, mask=inside)
 
 
 def _on_device_of(t: torch.Tensor):
@@ -147,3 +184,52 @@ def unpack_mask_fwd(bits: torch.Tensor, cols: int) -> torch.Tensor:
             BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
         )
     return mask
+
+
+def _check_elementwise(t: torch.Tensor, bits: torch.Tensor) -> tuple[int, int, int]:
+    """Checks of the element-wise launchers; returns (R, C, W)."""
+    if t.dim() != 2:
+        raise ValueError(f"t: expected a 2-D tensor (rows, cols), got shape {tuple(t.shape)}")
+    R, C = t.shape
+    W = triton.cdiv(C, 32)
+    if bits.dtype != torch.int32 or tuple(bits.shape) != (R, W) or not bits.is_contiguous():
+        raise ValueError(f"bits: expected a contiguous torch.int32 tensor of shape {(R, W)}, "
+                         f"got {bits.dtype} of shape {tuple(bits.shape)}")
+    _check_device("t", t)
+    return R, C, W
+
+
+def apply_mask_fwd(t: torch.Tensor, bits: torch.Tensor) -> None:
+    """Set the pruned elements of ``t`` to zero in place (kept elements are not touched).
+
+    t: (R, C), any dtype of 1-8 bytes, any strides. bits: contiguous int32 (R, ceil(C/32)).
+    """
+    R, C, W = _check_elementwise(t, bits)
+    if t.numel() == 0:
+        return
+    grid = (triton.cdiv(R, _BLOCK_R) * triton.cdiv(W, _BLOCK_W),)
+    # bool has no Triton pointer type the interpreter stores to; a uint8 view shares its bytes.
+    data = t.view(torch.uint8) if t.dtype == torch.bool else t
+    with _on_device_of(t):
+        _apply_mask_kernel[grid](
+            data, bits, R, C, W, data.stride(0), data.stride(1),
+            BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
+        )
+
+
+def masked_copy_fwd(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``t * M`` as a new contiguous tensor: kept elements copied, pruned ones zero (never read).
+
+    t: (R, C), float dtypes, any strides. bits: contiguous int32 (R, ceil(C/32)).
+    """
+    R, C, W = _check_elementwise(t, bits)
+    out = torch.empty((R, C), dtype=t.dtype, device=t.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(R, _BLOCK_R) * triton.cdiv(W, _BLOCK_W),)
+    with _on_device_of(t):
+        _masked_copy_kernel[grid](
+            t, bits, out, R, C, W, t.stride(0), t.stride(1),
+            BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
+        )
+    return out

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparse_engine import sparse_modules
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "bench_masked_linear.py"
 METHODS = {"dense", "wm", "prune", "ours_cpu"}
@@ -538,3 +540,44 @@ def test_stack_guard_stops_a_stacked_step_that_differs(stack_bench, monkeypatch)
     monkeypatch.setattr(stack_bench.Case, "stacked_step", broken)
     with pytest.raises(SystemExit, match="CORRECTNESS GUARD FAILED: model 0"):
         stack_bench.guard(torch.device("cpu"))
+
+# ---- bench/bench_models.py -----------------------------------------------------------------------
+
+MODELS_SCRIPT = REPO / "bench" / "bench_models.py"
+
+
+@pytest.fixture
+def models_bench(monkeypatch):
+    return import_bench(monkeypatch, MODELS_SCRIPT)
+
+
+def test_models_cpu_quick_run_writes_rows_and_table(tmp_path, models_bench):
+    rows = quick_cpu_rows(MODELS_SCRIPT, tmp_path, "models")
+    names = [w.name for w in models_bench.workloads(True)]
+    assert len(names) == 5
+    assert sorted((r["model"], r["method"]) for r in rows) == sorted(
+        (n, m) for n in names for m in ("dense", "ours", "prune"))
+    by = {(r["model"], r["method"]): r for r in rows}
+    for r in rows:
+        assert r["ms"] > 0 and r["git_sha"] and r["quick"] is True and r["threads"] == 1
+        assert r["over_dense"] == pytest.approx(r["ms"] / by[r["model"], "dense"]["ms"])
+        assert r["over_prune"] == pytest.approx(r["ms"] / by[r["model"], "prune"]["ms"])
+        if r["method"] == "ours":  # every model has a masked linear or conv layer: choices were made
+            assert set(r["dispatch"]) == {"fused", "materialized"} and sum(r["dispatch"].values()) > 0
+        else:
+            assert r["dispatch"] is None
+    (md,) = tmp_path.glob("models_cpu-*.md")
+    text = md.read_text()
+    assert sum(line.startswith(f"| {n} |") for n in names for line in text.splitlines()) == len(names)
+    assert "Goal not met:" in text
+
+
+def test_models_guard_stops_different_masks(models_bench):
+    w = models_bench.workloads(True)[0]
+    case = models_bench.Case(w, torch.device("cpu"), 0)
+    models_bench.check_before(case, w.name)  # passes as it is
+    _, unit = sparse_modules(case.models["ours"])[0]
+    unit.set_mask(torch.ones_like(unit.mask))
+    with pytest.raises(SystemExit) as exit_info:
+        models_bench.check_before(case, w.name)
+    assert exit_info.value.code == 1

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparse_engine.ops import pack_mask, pack_mask_ref, unpack_mask, unpack_mask_ref
+from sparse_engine.ops import apply_mask_, apply_mask_ref, pack_mask, pack_mask_ref, unpack_mask, unpack_mask_ref
 from sparse_engine.ops.mask_pack import packed_shape
 
 SHAPES = [(1, 1), (7, 31), (5, 32), (3, 33), (97, 131), (4, 3, 3, 3), (2, 257)]
@@ -81,3 +81,61 @@ def test_any_rank_roundtrips(shape):
     for unpack in (unpack_mask, unpack_mask_ref):
         back = unpack(bits, shape)
         assert back.shape == mask.shape and torch.equal(back, mask)
+
+
+# -- apply_mask_: zero the pruned elements in place, from the packed bits ------------------------
+
+APPLY_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
+
+
+@pytest.mark.parametrize("dtype", APPLY_DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_apply_mask_matches_reference(shape, dtype):
+    t = (torch.randn(shape) + 3).to(dtype)  # no zeros before masking (bool: all True)
+    mask = torch.rand(shape) < 0.5
+    bits = pack_mask(mask)
+    out = t.clone()
+    assert apply_mask_(out, bits) is out
+    assert torch.equal(out, apply_mask_ref(t.clone(), bits))
+    assert torch.equal(out[mask], t[mask]) and not out[~mask].any()
+    if dtype.is_floating_point:
+        assert not out[~mask].signbit().any()  # +0, as masked_fill_ writes
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_apply_mask_non_contiguous(layout):
+    if layout == "transposed":
+        t = torch.randn(45, 37).t()
+    elif layout == "sliced":
+        t = torch.randn(37, 90)[:, ::2]
+    else:
+        t = torch.randn(6, 5, 3, 3).to(memory_format=torch.channels_last)
+    mask = torch.rand(t.shape) < 0.5
+    expected = apply_mask_ref(t.clone(), pack_mask(mask))
+    base = t.clone(memory_format=torch.preserve_format) if layout == "channels_last" else t
+    apply_mask_(base, pack_mask(mask))
+    assert torch.equal(base, expected)
+
+
+def test_apply_mask_opcheck_and_compile():
+    t, mask = torch.randn(7, 45), torch.rand(7, 45) < 0.5
+    torch.library.opcheck(torch.ops.sparse_engine.apply_mask_.default, (t.clone(), pack_mask(mask)))
+
+    def f(w, bits):
+        apply_mask_(w, bits)
+        return w * 2
+
+    w = t.clone()
+    out = torch.compile(f, fullgraph=True)(w, pack_mask(mask))
+    assert torch.equal(w, t.masked_fill(~mask, 0)) and torch.equal(out, 2 * w)
+
+
+def test_apply_mask_bad_input():
+    with pytest.raises(TypeError, match="t: expected a torch.Tensor"):
+        apply_mask_([1.0], torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"mask_bits: expected shape \(3, 1\)"):
+        apply_mask_(torch.randn(3, 4), torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="mask_bits: expected an int32"):
+        apply_mask_(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="t: expected a real dtype"):
+        apply_mask_(torch.randn(3, 4, dtype=torch.complex64), torch.zeros(3, 1, dtype=torch.int32))

@@ -5,7 +5,7 @@ On a machine without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (se
 import pytest
 import torch
 
-from sparse_engine.kernels.mask_pack import pack_mask_fwd, unpack_mask_fwd
+from sparse_engine.kernels.mask_pack import apply_mask_fwd, masked_copy_fwd, pack_mask_fwd, unpack_mask_fwd
 
 
 def pack_ref(mask: torch.Tensor) -> torch.Tensor:
@@ -95,3 +95,54 @@ def test_errors(triton_device):
         unpack_mask_fwd(torch.zeros(4, 2, dtype=torch.int64, device=triton_device), 40)
     with pytest.raises(ValueError, match=r"bits: expected 2 words a row \(ceil\(cols/32\) for cols=40\), got 3"):
         unpack_mask_fwd(torch.zeros(4, 3, dtype=torch.int32, device=triton_device), 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (7, 33), (131, 97), (17, 257)], ids=lambda v: str(v))
+def test_apply_mask(triton_device, rows, cols, dtype):
+    t = (torch.randn(rows, cols) + 3).to(dtype)  # no zeros before masking
+    mask = torch.rand(rows, cols) < 0.5
+    out = t.to(triton_device)
+    apply_mask_fwd(out, pack_ref(mask).to(triton_device))
+    assert torch.equal(out.cpu(), t.masked_fill(~mask, 0))
+    assert not out.cpu()[~mask].signbit().any()
+
+
+def test_apply_mask_strided_and_partial_words(triton_device):
+    # A transposed view: element strides (1, rows); the last word of each row is partial, and the
+    # elements past it (the next column of the base) must not be written.
+    base = torch.randn(40, 9) + 3
+    t = base.t().to(triton_device)[:, :37]
+    mask = torch.rand(9, 37) < 0.5
+    expected = base.clone()
+    expected.t()[:, :37].masked_fill_(~mask, 0)
+    apply_mask_fwd(t, pack_ref(mask).to(triton_device))
+    assert torch.equal(t.cpu(), expected.t()[:, :37])
+
+
+def test_apply_mask_errors(triton_device):
+    with pytest.raises(ValueError, match="t: expected a 2-D"):
+        apply_mask_fwd(torch.ones(4, device=triton_device), torch.zeros(4, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"bits: expected a contiguous torch.int32 tensor of shape \(4, 2\)"):
+        apply_mask_fwd(torch.ones(4, 40, device=triton_device), torch.zeros(4, 3, dtype=torch.int32,
+                                                                          device=triton_device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (7, 33), (131, 97)], ids=lambda v: str(v))
+def test_masked_copy(triton_device, rows, cols, dtype):
+    t = (torch.randn(rows, cols) + 3).to(dtype)
+    t[0, 0] = float("nan")  # pruned or kept, a NaN must stay where it is
+    mask = torch.rand(rows, cols) < 0.5
+    out = masked_copy_fwd(t.to(triton_device), pack_ref(mask).to(triton_device)).cpu()
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out[mask], t[mask]) or (mask[0, 0] and out[mask].isnan().sum() == 1)
+    assert (out[~mask] == 0).all() and not out[~mask].signbit().any()
+
+
+def test_masked_copy_strided(triton_device):
+    base = torch.randn(40, 9)
+    t = base.t().to(triton_device)[:, :37]
+    mask = torch.rand(9, 37) < 0.5
+    out = masked_copy_fwd(t, pack_ref(mask).to(triton_device))
+    assert torch.equal(out.cpu(), base.t()[:, :37] * mask)

@@ -15,4 +15,15 @@ void pack_mask(const uint8_t* mask, int64_t rows, int64_t cols, int64_t stride_r
 // bits: contiguous int32 (rows, ceil(cols / 32)). mask: contiguous bytes (rows, cols), 0 or 1.
 void unpack_mask(const int32_t* bits, int64_t rows, int64_t cols, uint8_t* mask);
 
+// Sets the pruned elements of a (rows, cols) tensor to all-zero bytes (+0 for every floating
+// dtype), in place: element (r, c) lives at data + (r * stride_row + c * stride_col) * elem_size.
+// Kept elements are neither read nor written. elem_size is 1, 2, 4 or 8.
+void apply_mask(void* data, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
+                const int32_t* bits);
+
+// dst (contiguous (rows, cols)) = src * mask: kept elements copied from src (element strides
+// stride_row / stride_col), pruned ones all-zero bytes. elem_size is 1, 2, 4 or 8.
+void masked_copy(const void* src, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
+                 int64_t stride_col, const int32_t* bits, void* dst);
+
 }  // namespace sparse_engine::cpu

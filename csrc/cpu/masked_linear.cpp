@@ -4,6 +4,8 @@
 // chunks, and summing partial results in 16 bits would lose precision.
 #include "masked_linear.h"
 
+#include "mask_bits.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -46,31 +48,6 @@ void masked_rows(const at::Tensor& weight, const at::Tensor& mask_bits, int64_t 
                                            weight.stride(0), weight.stride(1),
                                            mask_bits.const_data_ptr<int32_t>() + row0 * words_per_row,
                                            words_per_row, out.size(0), out.size(1), out.data_ptr<opmath_t>());
-  });
-}
-
-template <typename scalar_t>
-void zero_pruned_kernel(scalar_t* data, const int32_t* bits, int64_t words_per_row, int64_t rows, int64_t cols) {
-  const int64_t total = rows * words_per_row;
-#pragma omp parallel for schedule(static) if (total >= kParallelWords)
-  for (int64_t i = 0; i < total; ++i) {
-    const uint32_t word = static_cast<uint32_t>(bits[i]);
-    if (word == 0xffffffffu) continue;
-    const int64_t r = i / words_per_row;
-    const int64_t c0 = (i % words_per_row) * 32;
-    const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
-    scalar_t* dst = data + r * cols + c0;
-    for (int j = 0; j < n; ++j) {
-      if (!((word >> j) & 1u)) dst[j] = scalar_t(0);
-    }
-  }
-}
-
-// Sets the pruned entries of a contiguous (N, K) float/double tensor to +0.
-void zero_pruned_(at::Tensor& t, const at::Tensor& mask_bits) {
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "zero_pruned_", [&] {
-    zero_pruned_kernel<scalar_t>(t.data_ptr<scalar_t>(), mask_bits.const_data_ptr<int32_t>(), mask_bits.size(1),
-                                 t.size(0), t.size(1));
   });
 }
 
@@ -128,7 +105,7 @@ at::Tensor masked_linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, c
   const auto opmath = at::toOpMathType(x.scalar_type());
   at::Tensor dw = at::empty({N, K}, x.options().dtype(opmath));
   at::mm_out(dw, dy.to(opmath).t(), x.to(opmath));
-  zero_pruned_(dw, mask_bits);
+  apply_mask(dw.data_ptr(), dw.element_size(), N, K, dw.stride(0), dw.stride(1), mask_bits.const_data_ptr<int32_t>());
   return dw.to(x.scalar_type());
 }
 

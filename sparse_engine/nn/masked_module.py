@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_engine.nn import mask_checkpoint
-from sparse_engine.ops.mask_pack import pack_mask, packed_shape, unpack_mask
+from sparse_engine.ops.mask_pack import apply_mask_, pack_mask, packed_shape, unpack_mask
 from sparse_engine.ops.masked_linear import check_backend
 from sparse_engine.ops.masked_weight import masked_weight
 
@@ -247,7 +247,7 @@ class MaskedModule:
     def apply_mask_(self, name: Optional[str] = None) -> None:
         """Zero the weights at pruned positions (all masked weights, or Parameter ``name``)."""
         for n in self._masked_names if name is None else (name,):
-            getattr(self, n).masked_fill_(~self.mask_of(n), 0)
+            apply_mask_(getattr(self, n), self.mask_bits_of(n))
 
     # ---- forward -----------------------------------------------------------------------------
 

@@ -81,6 +81,36 @@ def unpack_mask(mask_bits: Tensor, shape) -> Tensor:
     return torch.ops.sparse_engine.unpack_mask(mask_bits, selection_shape(shape)[1]).reshape(shape)
 
 
+def apply_mask_(t: Tensor, mask_bits: Tensor) -> Tensor:
+    """Set the pruned elements of ``t`` (any rank, any real dtype) to zero in place, reading the
+    packed mask directly: no bool mask is built. Kept elements are not read or written. Returns ``t``.
+
+    Args:
+        t: a tensor whose packed mask shape is ``packed_shape(t.shape)`` (a weight, its gradient, or
+            an optimizer state tensor shaped like it).
+        mask_bits: ``int32 packed_shape(t.shape)`` on ``t``'s device.
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex():
+        raise TypeError(f"t: expected a real dtype, got {t.dtype}")
+    _check_mask_bits(mask_bits, tuple(t.shape))
+    if mask_bits.device != t.device:
+        raise ValueError(f"mask_bits: expected a tensor on {t.device} (t's device), got {mask_bits.device}")
+    rows, cols = selection_shape(t.shape)
+    try:
+        view = t.view(rows, cols)
+    except RuntimeError:  # strides that no 2-D view covers (e.g. a channels-last 4-D weight)
+        return t.masked_fill_(~unpack_mask(mask_bits, t.shape), 0)
+    torch.ops.sparse_engine.apply_mask_(view, mask_bits.contiguous())
+    return t
+
+
+def apply_mask_ref(t: Tensor, mask_bits: Tensor) -> Tensor:
+    """Plain-torch reference of :func:`apply_mask_`: ``t.masked_fill_(~M, 0)``."""
+    return t.masked_fill_(~unpack_mask_ref(mask_bits, t.shape), 0)
+
+
 @torch.library.custom_op("sparse_engine::pack_mask", mutates_args=())
 def _pack_mask(mask: Tensor) -> Tensor:
     raise NotImplementedError(f"sparse_engine::pack_mask has no kernel for device '{mask.device.type}'")
@@ -147,3 +177,24 @@ def unpack_mask_ref(mask_bits: Tensor, shape) -> Tensor:
     shifts = torch.arange(WORD_BITS, device=mask_bits.device, dtype=torch.int64)
     bits = (mask_bits.to(torch.int64).unsqueeze(-1) >> shifts) & 1
     return bits.reshape(rows, words * WORD_BITS)[:, :cols].to(torch.bool).reshape(shape)
+
+
+@torch.library.custom_op("sparse_engine::apply_mask_", mutates_args=("t",))
+def _apply_mask(t: Tensor, mask_bits: Tensor) -> None:
+    raise NotImplementedError(f"sparse_engine::apply_mask_ has no kernel for device '{t.device.type}'")
+
+
+@_apply_mask.register_kernel("cpu")
+def _apply_mask_cpu(t, mask_bits):
+    _C.apply_mask_(t, mask_bits)
+
+
+@_apply_mask.register_kernel("cuda")
+def _apply_mask_cuda(t, mask_bits):
+    from sparse_engine.kernels.mask_pack import apply_mask_fwd
+    apply_mask_fwd(t, mask_bits)
+
+
+@_apply_mask.register_fake
+def _(t, mask_bits):
+    return None

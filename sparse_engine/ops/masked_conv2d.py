@@ -2,9 +2,11 @@
 
 CUDA runs implicit-GEMM Triton kernels (``kernels/masked_conv2d.py``) that apply the mask to
 weight tiles in registers, so W*M never exists in device memory. The CPU kernel is plain torch:
-it builds W*M as a temporary for the call (convolution weights are small next to activations)
-and frees it; autograd still saves only x, W and the packed mask.
+it builds W*M (``masked_weight``, one pass from the packed bits) as a temporary for the call
+(convolution weights are small next to activations) and frees it; autograd still saves only x, W
+and the packed mask.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
-from sparse_engine.ops.mask_pack import unpack_mask, unpack_mask_ref
+from sparse_engine.ops import dispatch
+from sparse_engine.ops.mask_pack import apply_mask_, unpack_mask_ref
+from sparse_engine.ops.masked_weight import masked_weight
 from sparse_engine.ops.masked_linear import check_bias, check_masked_weight
 
 
@@ -45,6 +49,9 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     errors near 1e-3 relative) unless it is set to False; the raw float32 inputs are fed to the TF32
     instructions, as cuDNN does. Compare with cuDNN under the same flag, or set it to False for
     IEEE float32 products (slower). Accumulation is float32 for every input dtype.
+
+    The implementation (these kernels, or ``F.conv2d`` on ``W*M``) is chosen by measurement once per
+    shape (``sparse_engine.ops.dispatch``); both give exact-zero weight gradients at pruned positions.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -71,8 +78,18 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
         if x.shape[2 + i] + 2 * padding[i] < span:
             raise ValueError(f"x: padded input {name} {x.shape[2 + i] + 2 * padding[i]} is smaller than the "
                              f"kernel's span {span}")
-    y = torch.ops.sparse_engine.masked_conv2d(x, weight, mask_bits, bias, stride, padding, dilation, groups)
+    conv = (stride, padding, dilation, groups)
+    run = functools.partial(_run_implementation, conv=conv)
+    impl = dispatch.choose("masked_conv2d", run, (x, weight, mask_bits, bias), extra=(x.is_contiguous(), *conv))
+    y = run(impl, (x, weight, mask_bits, bias))
     return y.squeeze(0) if unbatched else y
+
+
+def _run_implementation(impl: str, tensors: tuple, conv: tuple) -> Tensor:
+    x, weight, mask_bits, bias = tensors
+    if impl == "materialized":
+        return F.conv2d(x, masked_weight(weight, mask_bits), bias, *conv)
+    return torch.ops.sparse_engine.masked_conv2d(x, weight, mask_bits, bias, *conv)
 
 
 def masked_conv2d_ref(x, weight, mask_bits, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -87,7 +104,7 @@ def _use_tf32() -> bool:
 
 
 def _masked_weight_cpu(weight, mask_bits):
-    return weight * unpack_mask(mask_bits, weight.shape)
+    return torch.ops.sparse_engine.masked_weight(weight, mask_bits)
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -158,8 +175,8 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[in
 
 @_grad_weight.register_kernel("cpu")
 def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
-    dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation, groups)
-    return dw.masked_fill_(~unpack_mask(mask_bits, weight_shape), 0).contiguous()
+    dw = torch.nn.grad.conv2d_weight(x, weight_shape, dy, stride, padding, dilation, groups).contiguous()
+    return apply_mask_(dw, mask_bits)
 
 
 @_grad_weight.register_kernel("cuda")

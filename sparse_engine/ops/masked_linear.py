@@ -8,6 +8,7 @@ positions, so neither weight decay nor momentum is fed by pruned entries.
 Kernels: CPU in ``csrc/cpu`` (C++, OpenMP, row chunks of W), CUDA in ``kernels/masked_linear.py``
 (Triton, the default) or ``csrc/cuda/masked_linear.cu`` (``backend="cuda"``).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -15,7 +16,9 @@ from torch import Tensor
 
 from sparse_engine import _C
 from sparse_engine.ops.autocast import autocast_inputs
+from sparse_engine.ops import dispatch
 from sparse_engine.ops.mask_pack import packed_shape, unpack_mask_ref
+from sparse_engine.ops.masked_weight import masked_weight
 
 BACKENDS = ("triton", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,6 +76,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
         ``(..., N)`` in ``x``'s dtype, accumulated in float32 (float64 for float64).
 
     Under ``torch.autocast`` the inputs are cast as ``F.linear``'s are (``sparse_engine.ops.autocast``).
+    The implementation (these kernels, or ``F.linear`` on ``W*M``) is chosen by measurement once per
+    shape (``sparse_engine.ops.dispatch``); both give exact-zero weight gradients at pruned positions.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -91,8 +96,17 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
         # Nothing to mask (K = 0 or N = 0) or no rows: F.linear's result (the bias, or an empty tensor).
         return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
-    y = torch.ops.sparse_engine.masked_linear(x.reshape(-1, x.shape[-1]), weight, mask_bits, bias, backend)
-    return y.reshape(*lead, weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    run = functools.partial(_run_implementation, backend=backend)
+    impl = dispatch.choose("masked_linear", run, (x2, weight, mask_bits, bias), extra=(backend,))
+    return run(impl, (x2, weight, mask_bits, bias)).reshape(*lead, weight.shape[0])
+
+
+def _run_implementation(impl: str, tensors: tuple, backend: str) -> Tensor:
+    x, weight, mask_bits, bias = tensors
+    if impl == "materialized":
+        return torch.nn.functional.linear(x, masked_weight(weight, mask_bits), bias)
+    return torch.ops.sparse_engine.masked_linear(x, weight, mask_bits, bias, backend)
 
 
 def masked_linear_ref(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -1,13 +1,14 @@
 """The masked dense fallback: ``W*M`` as a differentiable tensor, and the masked embedding lookup.
 
 Layers without a fused masked kernel (Conv3d, ConvTranspose, Bilinear, LSTM/GRU/RNN,
-MultiheadAttention) compute their dense torch op on ``masked_weight(W, bits)``. It is a
-``torch.where`` on the unpacked mask, so its gradient is ``where(M, dW, 0)``: **exact zeros at
-pruned positions**, even where ``dW`` is NaN or inf, which is the contract every sparse layer
-keeps. It materialises the bool mask (1 byte a weight) and ``W*M`` for the duration of the call;
-autograd keeps only the bool mask. Being plain torch around the ``unpack_mask`` custom op, it
-works under ``torch.compile``, ``torch.export``, autocast (the dense op after it casts as usual)
-and on every device ``unpack_mask`` has a kernel for.
+MultiheadAttention) compute their dense torch op on ``masked_weight(W, bits)``, and the
+``"materialized"`` implementation of ``masked_linear``/``masked_conv2d`` (``sparse_engine.ops.dispatch``)
+is the vendor op on it. It is the custom op ``sparse_engine::masked_weight``: one pass that copies
+the kept weights and writes zeros elsewhere, straight from the packed bits (C++ on CPU, Triton on
+CUDA; no bool mask). Its gradient is the same op on ``dW``: **exact zeros at pruned positions**,
+even where ``dW`` is NaN or inf, which is the contract every sparse layer keeps. It builds ``W*M``
+for the duration of the call; autograd keeps only the packed mask. It works under
+``torch.compile``, ``torch.export`` and autocast (the dense op after it casts as usual).
 
 ``masked_embedding`` never builds ``W*M``: it gathers the looked-up rows of the weight and of the
 packed mask, and unpacks only those (memory and time proportional to the lookup, not the table).
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_engine.ops.mask_pack import packed_shape, unpack_mask, unpack_mask_ref
+from sparse_engine import _C
+from sparse_engine.ops.mask_pack import packed_shape, selection_shape, unpack_mask, unpack_mask_ref
 
 
 def _check(weight: Tensor, mask_bits: Tensor) -> None:
@@ -45,7 +47,44 @@ def masked_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
         a tensor of the weight's shape and dtype, zero where the mask is 0.
     """
     _check(weight, mask_bits)
-    return torch.where(unpack_mask(mask_bits, weight.shape), weight, 0)
+    return torch.ops.sparse_engine.masked_weight(weight, mask_bits)
+
+
+@torch.library.custom_op("sparse_engine::masked_weight", mutates_args=())
+def _masked_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
+    raise NotImplementedError(f"sparse_engine::masked_weight has no kernel for device '{weight.device.type}'")
+
+
+def _as_2d(weight: Tensor) -> Tensor:
+    return weight.reshape(selection_shape(weight.shape))
+
+
+@_masked_weight.register_kernel("cpu")
+def _(weight, mask_bits):
+    return _C.masked_copy(_as_2d(weight), mask_bits.contiguous()).view(weight.shape)
+
+
+@_masked_weight.register_kernel("cuda")
+def _(weight, mask_bits):
+    from sparse_engine.kernels.mask_pack import masked_copy_fwd
+    return masked_copy_fwd(_as_2d(weight), mask_bits.contiguous()).view(weight.shape)
+
+
+@_masked_weight.register_fake
+def _(weight, mask_bits):
+    return weight.new_empty(weight.shape)
+
+
+def _masked_weight_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _masked_weight_backward(ctx, grad):
+    (mask_bits,) = ctx.saved_tensors
+    return torch.ops.sparse_engine.masked_weight(grad, mask_bits), None
+
+
+_masked_weight.register_autograd(_masked_weight_backward, setup_context=_masked_weight_setup)
 
 
 def masked_weight_ref(weight: Tensor, mask_bits: Tensor) -> Tensor:

@@ -1,0 +1,155 @@
+"""Dispatch by measurement for the masked ops (``masked_linear``, ``masked_conv2d``).
+
+Each masked op has implementations that compute the same result:
+
+* ``"fused"``: the op's own kernels (``sparse_engine::masked_linear`` / ``masked_conv2d``: Triton or
+  CUDA on GPUs, C++ or torch on CPU), which never build ``W*M`` on a GPU;
+* ``"materialized"``: ``W*M`` built by ``masked_weight`` (one pass from the packed bits), then the
+  vendor op (``F.linear`` / ``F.conv2d``: BLAS/oneDNN, cuBLAS/cuDNN). Its weight gradient is
+  ``masked_weight`` of ``dW``: exact zeros at pruned positions, as with the fused kernels.
+
+Both differ only by the rounding of the matmul, within the tolerance the tests hold the fused
+kernels to. Like ``torch.backends.cudnn.benchmark``, the first call with a new key (op, shapes,
+dtypes, device, whether a backward follows, the implementation set) times each implementation
+(forward, and backward when gradients are needed, on copies of the inputs: the caller's tensors
+and autograd graph are untouched) and caches the fastest; later calls look it up.
+
+Not an implementation: the dense op on ``W`` itself with the gradient masked. It would be correct
+only while the pruned weights are exact zeros, and the op cannot know that without reading them
+(an optimizer without ``mask_optimizer``, a user's in-place edit, or a gradient from outside the
+layer makes them drift, and then the result would silently change).
+
+Control:
+
+* ``pin("fused")`` / ``pin("materialized")`` / ``pin(None)`` (measure, the default), or the
+  environment variable ``SPARSE_ENGINE_MASKED_IMPL`` (read at import; ``pin`` overrides it);
+* ``save(path)`` / ``load(path)`` persist the cache (JSON); ``choices()`` shows it; ``clear()``.
+
+Under ``torch.compile`` nothing is measured or looked up (timing would break the graph): the
+pinned implementation is used, else ``"fused"``.
+"""
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+IMPLEMENTATIONS = ("fused", "materialized")
+ENV_VAR = "SPARSE_ENGINE_MASKED_IMPL"
+# Timed calls per implementation after one warm-up, interleaved; the median is compared.
+_REPS = 3
+
+_cache: dict[str, str] = {}
+
+
+def _check_implementation(implementation, argname: str) -> Optional[str]:
+    if implementation is None or implementation == "auto":
+        return None
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{argname}: expected one of {IMPLEMENTATIONS}, 'auto' or None, got {implementation!r}")
+    return implementation
+
+
+_pinned: Optional[str] = _check_implementation(os.environ.get(ENV_VAR) or None, ENV_VAR)
+
+
+def pin(implementation: Optional[str]) -> None:
+    """Use ``implementation`` (``"fused"`` or ``"materialized"``) for every masked op; ``None`` or
+    ``"auto"`` measures (the default)."""
+    global _pinned
+    _pinned = _check_implementation(implementation, "implementation")
+
+
+def pinned() -> Optional[str]:
+    """The pinned implementation, or None when choosing by measurement."""
+    return _pinned
+
+
+def choices() -> dict[str, str]:
+    """A copy of the cache: ``{key: implementation}``."""
+    return dict(_cache)
+
+
+def clear() -> None:
+    """Forget every measured choice."""
+    _cache.clear()
+
+
+def save(path: Union[str, Path]) -> None:
+    """Write the cache to ``path`` (JSON)."""
+    Path(path).write_text(json.dumps({"version": 1, "choices": _cache}, indent=1, sort_keys=True))
+
+
+def load(path: Union[str, Path]) -> None:
+    """Merge the choices saved by :func:`save` at ``path`` into the cache."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("choices"), dict):
+        raise ValueError(f"path: {str(path)!r} is not a dispatch cache written by sparse_engine.ops.dispatch.save")
+    for key, impl in data["choices"].items():
+        _check_implementation(impl, f"path: {str(path)!r}: choice for {key!r}")
+        _cache[key] = impl
+
+
+def cache_key(op: str, tensors: tuple, extra: tuple = ()) -> str:
+    """The key of a call: op, each tensor's shape/dtype (None for absent ones), device, whether a
+    backward will run, ``extra`` (e.g. convolution parameters) and the implementation set."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in present)
+    parts = [op, str(device), "bwd" if backward else "fwd"]
+    parts += ["-" if t is None else f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in tensors]
+    parts += [repr(tuple(extra)), ",".join(IMPLEMENTATIONS)]
+    return "|".join(parts)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _measure(run: Callable[[str, tuple], torch.Tensor], tensors: tuple) -> str:
+    """The fastest implementation on detached copies of ``tensors`` (leaves that need grad where the
+    originals do), timing the forward and, when gradients are needed, the backward."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in present)
+    copies = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad and t.is_floating_point())
+                   for t in tensors)
+
+    def call(impl):
+        out = run(impl, copies)
+        if backward:
+            out.backward(torch.ones_like(out))
+            for t in copies:
+                if t is not None:
+                    t.grad = None
+
+    times = {impl: [] for impl in IMPLEMENTATIONS}
+    for rep in range(_REPS + 1):
+        for impl in IMPLEMENTATIONS:
+            ms = _time_ms(lambda: call(impl), device)
+            if rep:  # the first round warms up (allocations, autotuning)
+                times[impl].append(ms)
+    return min(IMPLEMENTATIONS, key=lambda impl: statistics.median(times[impl]))
+
+
+def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, extra: tuple = ()) -> str:
+    """The implementation to run ``op`` on ``tensors`` with: the pinned one, else the cached choice
+    for the call's key, else measured now with ``run(implementation, tensors)`` and cached."""
+    if _pinned is not None:
+        return _pinned
+    if torch.compiler.is_compiling():
+        return "fused"
+    key = cache_key(op, tensors, extra)
+    impl = _cache.get(key)
+    if impl is None:
+        impl = _cache[key] = _measure(run, tensors)
+    return impl
