@@ -145,37 +145,11 @@ def test_resume_mid_run_is_exact(tmp_path, data):
     torch.set_num_threads(1)
     store, env = _store_with_parents(sweep, tmp_path)
     for spec in (t for t in sweep.trials if t.kind == "prune"):
-        straight = build_trial(spec, store, env)
-        while not straight.finished:
-            straight.train_epoch()
-        resumed = build_trial(spec, store, env)
-        resumed.train_epoch()
-        save_torch(resumed.state_dict(), tmp_path / "state.pt")
-        torch.manual_seed(1234)  # whatever happened to the RNGs in between
-        resumed = build_trial(spec, store, env)
-        resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-        while not resumed.finished:
-            resumed.train_epoch()
-        a, b = straight.result(), resumed.result()
-        assert a["metrics"] == b["metrics"] and a["history"] == b["history"], spec.describe()
-        sa, sb = straight.model.state_dict(), resumed.model.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), spec.describe()
+        h.assert_resume_exact(spec, store, env, tmp_path / "state.pt")
 
 
-BASE = """name = "t"
-[data]
-train_size = 256
-[pretrain]
-epochs = 2
-[train]
-epochs = 3
-[models.mlp]
-name = "fashion_mlp"
-[methods.M]
-{method}
-[grid]
-sparsity = [0.9]
-"""
+def one_method(method: str) -> str:
+    return h.tiny_sweep_text(Path("/unused"), "[methods.M]\n" + method + "\n")
 
 
 @pytest.mark.parametrize("method,expected", [
@@ -198,16 +172,16 @@ sparsity = [0.9]
 ])
 def test_bad_options_are_errors_that_name_the_key(method, expected):
     with pytest.raises(SweepFileError) as e:
-        Sweep.from_text(BASE.format(method=method), name="sweep.toml")
+        Sweep.from_text(one_method(method), name="sweep.toml")
     assert any(expected in p for p in e.value.problems), e.value.problems
 
 
 def test_methods_from_init_need_no_pretraining():
-    text = BASE.format(method='name = "rigl"').replace("[pretrain]\nepochs = 2\n", "")
-    (trial,) = Sweep.from_text(text).trials
-    assert trial.kind == "prune" and trial.parent is None
+    no_parent = ("[pretrain]\nepochs = 2\n", "[pretrain]\n")
+    trials = Sweep.from_text(one_method('name = "rigl"').replace(*no_parent)).trials
+    assert len(trials) == 4 and all(t.kind == "prune" and t.parent is None for t in trials)
     with pytest.raises(SweepFileError, match="pretrain.epochs: missing"):
-        Sweep.from_text(BASE.format(method='name = "lottery"').replace("[pretrain]\nepochs = 2\n", ""))
+        Sweep.from_text(one_method('name = "lottery"').replace(*no_parent))
 
 
 def test_reproduction_sweep_file_is_valid():
