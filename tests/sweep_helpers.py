@@ -14,6 +14,8 @@ import torch
 from sparse_engine.pruning import GMP
 from sparse_engine.sweep import Sweep
 from sparse_engine.sweep.methods import METHODS
+from sparse_engine.sweep.runner import build_trial
+from sparse_engine.sweep.store import save_torch
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -209,6 +211,28 @@ def assert_same_results(directory: Path, reference: Path) -> None:
         mine = torch.load(directory / "trials" / trial / "model.pt", weights_only=True)["model"]
         theirs = torch.load(reference / "trials" / trial / "model.pt", weights_only=True)["model"]
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), trial
+
+
+def assert_resume_exact(spec, store, env, state_path: Path) -> tuple:
+    """A trial rebuilt from its spec and given its epoch-1 state (saved at ``state_path``) ends exactly
+    as the uninterrupted one: metrics, history, weights and masks. Returns the uninterrupted trial's
+    result and final state."""
+    straight = build_trial(spec, store, env)
+    while not straight.finished:
+        straight.train_epoch()
+    resumed = build_trial(spec, store, env)
+    resumed.train_epoch()
+    save_torch(resumed.state_dict(), state_path)
+    torch.manual_seed(1234)  # whatever happened to the RNGs in between
+    resumed = build_trial(spec, store, env)
+    resumed.load_state_dict(torch.load(state_path, weights_only=True))
+    while not resumed.finished:
+        resumed.train_epoch()
+    a, b = straight.result(), resumed.result()
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"], spec.describe()
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), spec.describe()
+    return a, straight.final_state()
 
 
 def Sweep_results(directory: Path) -> list:

@@ -12,7 +12,7 @@ import torch
 import sweep_helpers as h
 from sparse_engine.sweep import StoreError, Sweep, SweepError, SweepFileError, SweepResults, report_table
 from sparse_engine.sweep.cli import main
-from sparse_engine.sweep.runner import WorkerEnv, build_trial
+from sparse_engine.sweep.runner import WorkerEnv
 from sparse_engine.sweep.store import Store, save_torch
 
 
@@ -44,24 +44,9 @@ def test_resume_from_any_epoch_is_exact_for_every_method(tmp_path, data):
     store.create()
     torch.set_num_threads(1)
     for spec in sweep.trials:  # parents first
-        straight = build_trial(spec, store, env)
-        while not straight.finished:
-            straight.train_epoch()
-        resumed = build_trial(spec, store, env)
-        resumed.train_epoch()
-        state = resumed.state_dict()
-        save_torch(state, tmp_path / "state.pt")
-        torch.manual_seed(1234)  # whatever happened to the RNGs in between
-        resumed = build_trial(spec, store, env)
-        resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-        while not resumed.finished:
-            resumed.train_epoch()
-        a, b = straight.result(), resumed.result()
-        assert a["metrics"] == b["metrics"] and a["history"] == b["history"], spec.describe()
-        sa, sb = straight.model.state_dict(), resumed.model.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), spec.describe()
+        a, final = h.assert_resume_exact(spec, store, env, tmp_path / "state.pt")
         if spec.kind == "pretrain":
-            save_torch(straight.final_state(), store.model(spec.id))
+            save_torch(final, store.model(spec.id))
         else:
             assert abs(a["metrics"]["sparsity"] - spec.config["sparsity"]) < 1e-3, spec.describe()
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from sparse_engine.pruning import FGGP, GMP, IMP, Cyclical, OneShot
+from sparse_engine.pruning import FGGP, GMP, IMP, SET, Cyclical, OneShot, PruneAtInit, RigL
+from sparse_engine.pruning.methods.dst import DECAYS
 from sparse_engine.pruning.methods.lr_schedules import RETRAIN_SCHEDULES
 from sparse_engine.pruning.select import ALLOCATIONS
 from sparse_engine.sweep.fields import (REQUIRED, Field, Invalid, boolean, check_table, choice, import_path, integer,
@@ -153,6 +154,45 @@ def _cyclical(ctx: MethodContext, cycles, prunes_per_epoch, ramp, initial, alloc
                     allocation=allocation, **regrowth, **ctx.bn())
 
 
+# Pruning at initialisation: the sweep file's score names -> prune_'s.
+PAI_SCORES = {"snip": "saliency", "grasp": "grasp", "synflow": "synflow", "random": "random", "magnitude": "magnitude"}
+
+
+def _pai(ctx: MethodContext, score, allocation, iterations, shuffle, reinit):
+    name = PAI_SCORES[score]
+    inputs = {**_scored_inputs(name, ctx), **({"iterations": iterations} if name == "synflow" else {})}
+    return PruneAtInit(ctx.model, ctx.optimizer, ctx.sparsity, name, allocation, shuffle=shuffle, reinit=reinit,
+                       **inputs)
+
+
+def _lottery(ctx: MethodContext, phases, allocation, reinit):
+    if ctx.parent_init is None:
+        raise ValueError("lottery: the dense parent's weights at initialisation (its model.pt 'init') are missing; "
+                         "the ticket rewinds to them")
+    # IMP from the trained parent, every phase rewound to the parent's initialisation; reinit: the random-
+    # reinitialisation control (the last phase's kept weights drawn anew).
+    return IMP(ctx.model, ctx.optimizer, ctx.sparsity, min(phases, ctx.epochs), budget_epochs=ctx.epochs,
+               steps_per_epoch=ctx.steps_per_epoch, lr_schedule=ctx.lr_schedule, lr_options=ctx.lr_options(),
+               rewind=ctx.parent_init, reinit=reinit, score="magnitude", allocation=allocation, **ctx.bn())
+
+
+def _set(ctx: MethodContext, delta_t, drop_fraction, decay, stop, allocation):
+    return SET(ctx.model, ctx.optimizer, ctx.sparsity, ctx.total_steps, delta_t=delta_t,
+               drop_fraction=drop_fraction, decay=decay, stop=stop, allocation=allocation)
+
+
+def _rigl(ctx: MethodContext, delta_t, drop_fraction, decay, stop, allocation):
+    # The dense gradient at update steps is taken on the context's fixed training batch.
+    return RigL(ctx.model, ctx.optimizer, ctx.sparsity, ctx.total_steps, loss_fn=ctx.loss_fn, data=ctx.batch,
+                delta_t=delta_t, drop_fraction=drop_fraction, decay=decay, stop=stop, allocation=allocation)
+
+
+DST = {"delta_t": Field(integer(1), 100, "optimizer steps between drop-and-grow updates"),
+       "drop_fraction": Field(real(0, 1), 0.3, "initial fraction of each layer's kept weights replaced per update"),
+       "decay": Field(choice(*DECAYS), "cosine", "decay of the drop fraction to 0 at the stop step"),
+       "stop": Field(real(0, 1, low_open=True), 0.75, "updates stop at this fraction of the budget"),
+       "allocation": Field(choice(*ALLOCATIONS), "erk", "layer-wise allocation of the initial random masks")}
+
 METHODS: dict = {
     "one_shot": Method(_one_shot, {"score": SCORE, "allocation": ALLOCATION, "granularity": GRANULARITY,
                                    "at": Field(real(0, 1, high_open=True), 0.0, "prune step, fraction of budget")},
@@ -170,6 +210,20 @@ METHODS: dict = {
                                    "initial": Field(real(0, 1, high_open=True), 0.0, "sparsity at cycle starts"),
                                    "allocation": ALLOCATION},
                        doc="cubic ramps repeated over cycles, masks re-selected at each cycle start (Cyclical)"),
+    "pai": Method(_pai, {"score": Field(choice(*PAI_SCORES), "snip", "the score at initialisation"),
+                         "allocation": ALLOCATION,
+                         "iterations": Field(integer(1), 100, "SynFlow's pruning rounds (read by synflow only)"),
+                         "shuffle": Field(boolean, False, "sanity check: shuffle each layer's mask"),
+                         "reinit": Field(boolean, False, "sanity check: re-draw the kept weights")},
+                  start="init", doc="prune a fresh model at initialisation, then train it sparse (PruneAtInit)"),
+    "lottery": Method(_lottery, {"phases": Field(integer(1), 1, "prune-rewind-retrain phases (at most one per epoch)"),
+                                 "allocation": ALLOCATION,
+                                 "reinit": Field(boolean, False, "the random-reinitialisation control")},
+                      owns_lr=True, doc="lottery ticket: magnitude mask of the trained parent, weights rewound to "
+                                        "the parent's initialisation, retrained (IMP with rewinding)"),
+    "set": Method(_set, DST, start="init", doc="SET: dynamic sparse training from initialisation, random regrowth"),
+    "rigl": Method(_rigl, DST, start="init",
+                   doc="RigL: dynamic sparse training from initialisation, regrowth by dense gradient magnitude"),
 }
 
 
