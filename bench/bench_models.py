@@ -10,8 +10,9 @@ each timed in the same run on the same inputs, interleaved in rounds:
 
 Models (CPU default shapes): the demo MLP 784-300-100-10 (batch 128), the demo CNN (batch 128),
 MLP 1024-4096-1024-10 (batch 256), ResNet-18 with the CIFAR stem (batch 8, 3x32x32) and the
-2-layer transformer encoder of sparse_engine.models (batch 32, 32 tokens; its embedding is left
-dense: at initialisation its N(0, 1) entries would take all the kept weights). Each runs with one
+2-layer transformer encoder of sparse_engine.models (batch 32, 32 tokens) and its 2-layer LSTM
+classifier (batch 32, 32 tokens; every LSTM weight matrix masked); their embeddings are left dense:
+at initialisation the N(0, 1) entries would take all the kept weights. Each runs with one
 thread and with torch's default thread count (--quick: one thread; --threads: that count only).
 
 Masks are chosen at initialisation, where global magnitude empties some layers (ResNet-18's last
@@ -48,7 +49,7 @@ from record import (add_run_arguments, check_run_arguments, command_line, device
 from timing import Times, interleaved_ms
 
 from sparse_engine import mask_optimizer, prune_, sparse_modules, sparsify
-from sparse_engine.models import example_batch, fashion_cnn, fashion_mlp, resnet18, transformer
+from sparse_engine.models import example_batch, fashion_cnn, fashion_mlp, lstm, resnet18, transformer
 from sparse_engine.nn.masked_module import MaskedWeight
 from sparse_engine.ops import dispatch
 
@@ -99,6 +100,7 @@ def workloads(quick: bool) -> list[Workload]:
             Workload("resnet18", resnet18, _images_batch((3, 16, 16), 1), 1),
             Workload("transformer", lambda: transformer(d_model=32, nhead=2, dim_feedforward=64),
                      _named_batch("transformer", 2), 2, exclude=("embed",)),
+            Workload("lstm", lambda: lstm(embed_dim=8, hidden_size=16), _named_batch("lstm", 2), 2, exclude=("embed",)),
         ]
     return [
         Workload("mlp-784-300-100-10", fashion_mlp, _named_batch("fashion_mlp", 128), 128),
@@ -106,11 +108,12 @@ def workloads(quick: bool) -> list[Workload]:
         Workload("mlp-1024-4096-1024-10", lambda: mlp(1024, 4096, 1024, 10), _features_batch(1024, 256), 256),
         Workload("resnet18", resnet18, _named_batch("resnet18", 8), 8),
         Workload("transformer", transformer, _named_batch("transformer", 32), 32, exclude=("embed",)),
+        Workload("lstm", lstm, _named_batch("lstm", 32), 32, exclude=("embed",)),
     ]
 
 
 MODEL_KEYS = {"mlp": "mlp-784", "cnn": "cnn", "mlp_large": "mlp-1024", "resnet18": "resnet18",
-              "transformer": "transformer"}
+              "transformer": "transformer", "lstm": "lstm"}
 
 
 def torch_prune_targets(model: nn.Module, sparse: nn.Module) -> list[tuple[nn.Module, str]]:
