@@ -193,7 +193,9 @@ def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
 
 # ---- autograd ------------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
+def conv_setup_context(ctx, inputs, output):
+    """setup_context of a masked convolution op ``(x, weight, mask_bits, bias, stride, padding,
+    dilation, groups)``: this op's and the stacked one's."""
     x, weight, mask_bits, bias, stride, padding, dilation, groups = inputs
     ctx.conv = (stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
@@ -202,16 +204,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mask_bits)
 
 
-def _backward(ctx, dy):
-    x, weight, mask_bits = ctx.saved_tensors
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.sparse_engine.masked_conv2d_grad_input(dy, weight, mask_bits, ctx.x_shape, *ctx.conv)
-    if ctx.needs_input_grad[1]:
-        dw = torch.ops.sparse_engine.masked_conv2d_grad_weight(dy, x, mask_bits, ctx.weight_shape, *ctx.conv)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        db = dy.sum((0, 2, 3))
-    return dx, dw, None, db, None, None, None, None
+def conv_backward(grad_input: str, grad_weight: str, bias_dims: tuple):
+    """The backward of a masked convolution op whose gradients are the ops
+    ``torch.ops.sparse_engine.<grad_input>`` and ``<grad_weight>``; the bias gradient sums dy over
+    ``bias_dims``."""
+    def backward(ctx, dy):
+        x, weight, mask_bits = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = getattr(torch.ops.sparse_engine, grad_input)(dy, weight, mask_bits, ctx.x_shape, *ctx.conv)
+        if ctx.needs_input_grad[1]:
+            dw = getattr(torch.ops.sparse_engine, grad_weight)(dy, x, mask_bits, ctx.weight_shape, *ctx.conv)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = dy.sum(bias_dims)
+        return dx, dw, None, db, None, None, None, None
+    return backward
 
 
-_masked_conv2d.register_autograd(_backward, setup_context=_setup_context)
+_masked_conv2d.register_autograd(conv_backward("masked_conv2d_grad_input", "masked_conv2d_grad_weight", (0, 2, 3)),
+                                 setup_context=conv_setup_context)

@@ -48,13 +48,15 @@ def check_masked_weight(weight: Tensor, mask_bits: Tensor, device: torch.device)
             raise ValueError(f"{name}: expected a tensor on {device} (the device of the input), got {t.device}")
 
 
-def check_bias(bias: Optional[Tensor], out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+def check_bias(bias: Optional[Tensor], shape, dtype: torch.dtype, device: torch.device, dims: str = "") -> None:
+    """A bias of ``shape`` (an int: ``(out_features,)``; ``dims`` names the axes in the message)."""
     if bias is None:
         return
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if not isinstance(bias, Tensor):
         raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    if tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
+    if tuple(bias.shape) != shape:
+        raise ValueError(f"bias: expected shape {shape}{f' ({dims})' if dims else ''}, got {tuple(bias.shape)}")
     if bias.dtype != dtype:
         raise TypeError(f"bias: expected dtype {dtype} (the input's), got {bias.dtype}")
     if bias.device != device:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
-from sparse_engine.ops.masked_conv2d import _is_int, _out_size, _pair
+from sparse_engine.ops.masked_conv2d import _is_int, _out_size, _pair, conv_backward, conv_setup_context
 from sparse_engine.ops.stacked_mask import apply_stacked_mask, unpack_stacked_mask_ref
 from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
 
@@ -137,25 +137,6 @@ def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
 
 # ---- autograd ------------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
-    x, weight, mask_bits, bias, stride, padding, dilation, groups = inputs
-    ctx.conv = (stride, padding, dilation, groups)
-    ctx.has_bias = bias is not None
-    ctx.x_shape = list(x.shape)
-    ctx.weight_shape = list(weight.shape)
-    ctx.save_for_backward(x, weight, mask_bits)
-
-
-def _backward(ctx, dy):
-    x, weight, mask_bits = ctx.saved_tensors
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.sparse_engine.stacked_masked_conv2d_grad_input(dy, weight, mask_bits, ctx.x_shape, *ctx.conv)
-    if ctx.needs_input_grad[1]:
-        dw = torch.ops.sparse_engine.stacked_masked_conv2d_grad_weight(dy, x, mask_bits, ctx.weight_shape, *ctx.conv)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        db = dy.sum((1, 3, 4))
-    return dx, dw, None, db, None, None, None, None
-
-
-_stacked_masked_conv2d.register_autograd(_backward, setup_context=_setup_context)
+_stacked_masked_conv2d.register_autograd(
+    conv_backward("stacked_masked_conv2d_grad_input", "stacked_masked_conv2d_grad_weight", (1, 3, 4)),
+    setup_context=conv_setup_context)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
-from sparse_engine.ops.masked_linear import _FLOAT_DTYPES, _use_tf32
+from sparse_engine.ops.masked_linear import _FLOAT_DTYPES, _use_tf32, check_bias
 from sparse_engine.ops.stacked_mask import apply_stacked_mask, check_stacked_mask_bits, unpack_stacked_mask_ref
 
 
@@ -36,16 +36,7 @@ def check_stacked_weight(weight: Tensor, mask_bits: Tensor, device: torch.device
 
 
 def check_stacked_bias(bias: Optional[Tensor], shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    if bias is None:
-        return
-    if not isinstance(bias, Tensor):
-        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    if tuple(bias.shape) != shape:
-        raise ValueError(f"bias: expected shape {shape} (models, out_features), got {tuple(bias.shape)}")
-    if bias.dtype != dtype:
-        raise TypeError(f"bias: expected dtype {dtype} (the input's), got {bias.dtype}")
-    if bias.device != device:
-        raise ValueError(f"bias: expected a tensor on {device} (the device of the input), got {bias.device}")
+    check_bias(bias, shape, dtype, device, "models, out_features")
 
 
 def stacked_masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None) -> Tensor:
