@@ -96,7 +96,12 @@ class MaskedOptimizer:
                 continue
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    apply_mask_(value, layer.mask_bits)
+                    self._zero_pruned(value, layer)
+
+    @staticmethod
+    def _zero_pruned(value: torch.Tensor, layer) -> None:
+        """Zero ``value`` (a state tensor of ``layer``'s weight) at the layer's pruned positions."""
+        apply_mask_(value, layer.mask_bits)
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -212,6 +212,10 @@ class StackedMaskedOptimizer(MaskedOptimizer):
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
+    @staticmethod
+    def _zero_pruned(value: Tensor, layer) -> None:
+        value.masked_fill_(~layer.mask, 0)  # stacked bits: one mask per model
+
     def _after_step(self, optimizer, args, kwargs):
         if self.zero_after_step:
             self.apply_masks()
