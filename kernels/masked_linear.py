@@ -424,10 +424,11 @@ def _check_matrix(name: str, t: torch.Tensor, rows: int, cols: int, dtype: torch
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
 
 
-def _check_first(name: str, t: torch.Tensor) -> None:
-    """Checks the tensor that fixes dtype and device for the others."""
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+def _check_first(name: str, t: torch.Tensor, rank: int = 2, dims: str = "") -> None:
+    """Checks the tensor that fixes dtype and device for the others (``rank`` dimensions, named
+    ``dims`` in the message: the stacked kernels pass 3 and "(models, rows, cols)")."""
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor{f' {dims}' if dims else ''}, got shape {tuple(t.shape)}")
     if t.dtype not in _DTYPES:
         raise ValueError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
     # The interpreter runs on CPU tensors; compiled Triton needs CUDA memory.

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_engine.kernels.masked_linear import _check_first as check_first
 from sparse_engine.kernels.masked_linear import (_BWD_INPUT, _BWD_WEIGHT, _DTYPES, _FWD, _INTERPRET, _KEY,
                                                  _bwd_input_tile, _bwd_weight_tile, _fwd_tile, _on_device_of,
                                                  _precision, _pruner)
@@ -82,12 +83,7 @@ def _stacked_bwd_weight_kernel(
 # ---- launchers ----------------------------------------------------------------------------------
 
 def _check_first(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 3:
-        raise ValueError(f"{name}: expected a 3-D tensor (models, rows, cols), got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not _INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name}: expected a CUDA tensor, got a tensor on '{t.device}'")
+    check_first(name, t, 3, "(models, rows, cols)")
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device) -> None:

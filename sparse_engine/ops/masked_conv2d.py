@@ -32,6 +32,22 @@ def _pair(v, name: str) -> list[int]:
     return list(v)
 
 
+def check_conv_geometry(image, kernel, stride, padding, dilation) -> tuple:
+    """``(stride, padding, dilation)`` as pairs, checked against the input's ``image`` (H, W) and the
+    ``kernel`` (KH, KW): positive strides and dilations, padding >= 0, and a padded input no smaller
+    than the kernel's span."""
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride/dilation must be >= 1 and padding >= 0, got stride={stride}, "
+                         f"padding={padding}, dilation={dilation}")
+    for i, name in enumerate(("height", "width")):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        if image[i] + 2 * padding[i] < span:
+            raise ValueError(f"x: padded input {name} {image[i] + 2 * padding[i]} is smaller than the "
+                             f"kernel's span {span}")
+    return stride, padding, dilation
+
+
 def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None,
                   stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """``F.conv2d(x, W*M, bias, stride, padding, dilation, groups)`` without materialising W*M on GPU.
@@ -69,15 +85,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"x: expected shape (N, {weight.shape[1] * groups}, H, W), got {tuple(x.shape)}")
     check_bias(bias, weight.shape[0], x.dtype, x.device)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride/dilation must be >= 1 and padding >= 0, got stride={stride}, "
-                         f"padding={padding}, dilation={dilation}")
-    for i, name in enumerate(("height", "width")):
-        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
-        if x.shape[2 + i] + 2 * padding[i] < span:
-            raise ValueError(f"x: padded input {name} {x.shape[2 + i] + 2 * padding[i]} is smaller than the "
-                             f"kernel's span {span}")
+    stride, padding, dilation = check_conv_geometry(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     conv = (stride, padding, dilation, groups)
     run = functools.partial(_run_implementation, conv=conv)
     impl = dispatch.choose("masked_conv2d", run, (x, weight, mask_bits, bias), extra=(x.is_contiguous(), *conv))

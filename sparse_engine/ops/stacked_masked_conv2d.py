@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
-from sparse_engine.ops.masked_conv2d import _is_int, _out_size, _pair, conv_backward, conv_setup_context
+from sparse_engine.ops.masked_conv2d import (_is_int, _out_size, check_conv_geometry, conv_backward,
+                                              conv_setup_context)
 from sparse_engine.ops.stacked_mask import apply_stacked_mask, unpack_stacked_mask_ref
 from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
 
@@ -47,15 +48,7 @@ def stacked_masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Op
     if x.dim() != 5 or x.shape[0] != s or x.shape[2] != weight.shape[2] * groups:
         raise ValueError(f"x: expected shape ({s}, B, {weight.shape[2] * groups}, H, W), got {tuple(x.shape)}")
     check_stacked_bias(bias, (s, co), x.dtype, x.device)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride/dilation must be >= 1 and padding >= 0, got stride={stride}, "
-                         f"padding={padding}, dilation={dilation}")
-    for i, name in enumerate(("height", "width")):
-        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
-        if x.shape[3 + i] + 2 * padding[i] < span:
-            raise ValueError(f"x: padded input {name} {x.shape[3 + i] + 2 * padding[i]} is smaller than the "
-                             f"kernel's span {span}")
+    stride, padding, dilation = check_conv_geometry(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     return torch.ops.sparse_engine.stacked_masked_conv2d(x, weight, mask_bits, bias, stride, padding, dilation,
                                                          groups)
 
