@@ -23,9 +23,9 @@ MEAN, STD = 0.2860, 0.3530
 def read_idx(path: Union[str, Path]) -> np.ndarray:
     """Read one IDX file (gzipped or not) into a numpy array of its stored shape."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)  # one call: faster than reading a GzipFile in chunks
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     if data[2] != 0x08:
@@ -70,7 +70,14 @@ def load_fashion_mnist(split: str = "train", data_dir: Optional[Union[str, Path]
     labels = read_idx(_find(directory, _FILES[split][1]))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"{directory}: images {images.shape} and labels {labels.shape} do not match")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return torch.from_numpy(_pixel_values(normalize)[images]).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def _pixel_values(normalize: bool) -> np.ndarray:
+    """The float32 value of each of the 256 pixel bytes: ``byte / 255``, standardised if ``normalize``.
+    A lookup table: one pass over the images instead of three (the same float32 operations, so the
+    same bits as converting the images themselves)."""
+    values = torch.from_numpy(np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0)
     if normalize:
-        x = (x - MEAN) / STD
-    return x, torch.from_numpy(labels.astype(np.int64))
+        values = (values - MEAN) / STD
+    return values.numpy()
