@@ -4,16 +4,19 @@ Workload: the demo's MLP (784-300-100-10) on Fashion-MNIST (the real images when
 random images of the same shape: the cost is the same), one dense parent and one-shot pruning
 trials at several sparsities, SGD, batch 128.
 
-  overhead    the same trials two ways, interleaved over rounds (medians reported):
+  overhead    the same trials two ways, each a fresh command timed from outside (so both pay Python's
+              start, the imports and the data loading once), interleaved over rounds (medians reported):
               bare    what users write today: one process, a plain loop that trains the parent,
                       then each trial (``sparse_engine.sweep.Trial``: build, epochs, evaluate),
-                      with no store, checkpoints, journal or worker processes;
-              runner  ``Sweep.run(workers=1)``: a worker process, an epoch checkpoint, journal
-                      events, the SQL index, the final model saved, the parent read from disk.
+                      with no store, checkpoints, journal or worker processes
+                      (``bench_sweep.py --bare FILE``);
+              runner  ``python -m sparse_engine.sweep run FILE --workers 1``: a coordinator and a
+                      worker process, an epoch checkpoint, journal events, the SQL index, the final
+                      model saved, the parent read from disk.
               overhead per trial = (runner - bare) / trials. Full mode sizes the trials to about
               a minute each (the goal: under 5% for 1-minute trials); --quick to a few seconds.
-  throughput  ``Sweep.run(workers=W)`` for W = 1, 2, 4 on the same trials (the cores split
-              between workers: ``threads = max(1, cores // W)``, or ``--threads``), trials per minute.
+  throughput  the runner with W = 1, 2, 4 workers on the same trials (the cores split between
+              workers: ``threads = max(1, cores // W)``, or ``--threads``), trials per minute.
 
     python bench/bench_sweep.py [--quick] [--data-dir DIR] [--out-dir DIR]
 """
@@ -22,6 +25,7 @@ import gzip
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,12 +101,26 @@ def bare_loop(sweep: Sweep, threads: int) -> float:
     return time.perf_counter() - started
 
 
-def runner(sweep_text: str, scratch: Path, workers: int, threads) -> float:
-    directory = Path(tempfile.mkdtemp(dir=scratch))
-    sweep = Sweep.from_text(sweep_text, directory=directory)
+def timed(cmd: list) -> float:
+    """Wall seconds of a command, from outside; its output is shown only if it fails."""
     started = time.perf_counter()
-    status = sweep.run(workers=workers, threads=threads, progress=False)
+    run = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
+    return seconds
+
+
+def bare(sweep_file: Path, scratch: Path, threads: int) -> float:
+    return timed([sys.executable, __file__, "--bare", str(sweep_file), "--threads", str(threads)])
+
+
+def runner(sweep_file: Path, scratch: Path, workers: int, threads) -> float:
+    directory = Path(tempfile.mkdtemp(dir=scratch))
+    cmd = [sys.executable, "-m", "sparse_engine.sweep", "run", str(sweep_file), "--dir", str(directory),
+           "--workers", str(workers), "--quiet"] + (["--threads", str(threads)] if threads else [])
+    seconds = timed(cmd)
+    status = Sweep.from_file(sweep_file, directory=directory).status()
     if status["done"] != status["trials"]:
         raise SystemExit(f"CORRECTNESS GUARD FAILED: {status}")
     shutil.rmtree(directory)
@@ -120,11 +138,15 @@ def parse_args(argv):
                    "threads")
     p.add_argument("--train-size", type=int, help="training images (default 20000, quick 2048)")
     p.add_argument("--trial-seconds", type=float, help="target length of a trial (default 60, quick: 2 epochs)")
+    p.add_argument("--bare", type=Path, metavar="FILE", help="(internal) run FILE's trials as the bare loop and exit")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.bare:
+        bare_loop(Sweep.from_file(args.bare, directory=Path(tempfile.mkdtemp())), args.threads or usable_cores())
+        return
     out_dir = results_dir(args.out_dir, args.quick, BENCH)
     scratch = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     device = torch.device("cpu")
@@ -144,21 +166,22 @@ def main(argv=None) -> None:
                                             directory=scratch / "x"), threads) / 2  # parent + one trial, 1 epoch
             epochs = max(1, round((args.trial_seconds or 60.0) / one))
         text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=epochs, sparsities=sparsities)
-        sweep = Sweep.from_text(text, directory=scratch / "unused")
-        trials = len(sweep.trials)
+        sweep_file = scratch / "sweep.toml"
+        sweep_file.write_text(text)
+        trials = len(Sweep.from_file(sweep_file, directory=scratch / "unused").trials)
         print(f"{trials} trials of {epochs} epochs on {train_size} images ({meta['data']}), {cores} cores", flush=True)
         times = {"bare": [], "runner": []}
         for r in range(args.rounds or (1 if args.quick else 3)):
-            times["bare"].append(bare_loop(sweep, threads))
-            times["runner"].append(runner(text, scratch, 1, args.threads))
+            times["bare"].append(bare(sweep_file, scratch, threads))
+            times["runner"].append(runner(sweep_file, scratch, 1, args.threads))
             print(f"round {r}: bare {times['bare'][-1]:.1f} s, runner {times['runner'][-1]:.1f} s", flush=True)
-        bare, run = statistics.median(times["bare"]), statistics.median(times["runner"])
+        bare_s, run_s = statistics.median(times["bare"]), statistics.median(times["runner"])
         base = dict(meta, trials=trials, epochs=epochs, train_size=train_size)
         rows = [dict(base, section="overhead", method=m, seconds=statistics.median(times[m]), all_seconds=times[m],
                      trial_s=statistics.median(times[m]) / trials) for m in ("bare", "runner")]
-        rows[1].update(overhead_s_per_trial=(run - bare) / trials, overhead_pct=100 * (run - bare) / bare)
+        rows[1].update(overhead_s_per_trial=(run_s - bare_s) / trials, overhead_pct=100 * (run_s - bare_s) / bare_s)
         for workers in (1, 2, 4):
-            seconds = runner(text, scratch, workers, args.threads)
+            seconds = runner(sweep_file, scratch, workers, args.threads)
             rows.append(dict(base, section="throughput", method=f"runner workers={workers}", workers=workers,
                              threads=args.threads or max(1, cores // workers), seconds=seconds,
                              trials_per_min=60 * trials / seconds))
