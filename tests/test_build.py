@@ -1,13 +1,15 @@
 """The build, and the compiled functions of sparse_engine._C called directly.
 
 - The CMake build of csrc/ is the CUDA compile check: it compiles the .cu files for sm_80 and
-  sm_90a with nvcc on machines that have no GPU and a CPU-only torch.
+  sm_90a with nvcc on machines that have no GPU and a CPU-only torch, and fails on a register spill
+  (``ptxas -warn-spills -Werror``; ``-v`` prints each kernel's registers and spills, checked here too).
 - pack_mask / unpack_mask / masked_linear_* are checked against float64 plain-torch references:
   exact equality for the bit packing; for the matmuls, an error at most twice torch's own error
   in the same dtype (plus one rounding step), and exact zeros at pruned gradient entries.
   The CUDA variants run under `pytest -m gpu` on a machine with a GPU and CUDA kernels built.
 """
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,7 +38,8 @@ def _nvcc() -> str | None:
 
 
 def test_cmake_builds_csrc(tmp_path):
-    """Configure and build csrc/ with CMake: every .cu file must compile for sm_80 and sm_90a."""
+    """Configure and build csrc/ with CMake: every .cu file must compile for sm_80 and sm_90a, no
+    kernel spilling registers."""
     nvcc = _nvcc()
     if shutil.which("cmake") is None:
         pytest.skip("cmake not found: the CUDA compile check needs cmake >= 3.25")
@@ -50,6 +53,10 @@ def test_cmake_builds_csrc(tmp_path):
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    # ptxas -v: one "N bytes spill stores, M bytes spill loads" line per compiled function and architecture.
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
+    assert len(spills) >= 2 * len(list((ROOT / "csrc" / "cuda").glob("*.cu"))), "no ptxas -v report in the build log"
+    assert all(stores == "0" and loads == "0" for stores, loads in spills), f"register spills: {spills}"
     objects = {p.name for p in build.rglob("*.o")}
     for cu in (ROOT / "csrc" / "cuda").glob("*.cu"):
         assert f"{cu.name}.o" in objects, f"no object file for {cu.name}; built: {sorted(objects)}"
