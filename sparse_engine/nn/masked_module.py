@@ -8,7 +8,8 @@ owns everything that must not differ between layer types: mask storage, ``set_ma
 ``state_dict`` contract (``mask_checkpoint``), tied weights, optimizer masking (through
 ``sparse_modules``), reporting and compile-friendliness. Per layer type there is only a
 forward adapter of a few lines: the fused masked kernels where the layer is a matmul or
-convolution the kernels cover (Linear, Conv2d, Conv1d), the masked lookup for Embedding, and
+convolution the kernels cover (Linear, Conv2d, Conv1d, Bilinear, MultiheadAttention's
+projections), the masked lookup for Embedding, and
 elsewhere the layer's own torch functional on ``masked_weight(W, bits)`` (the masked dense
 fallback, ``sparse_engine.ops.masked_weight``). We chose this over one hand-written class per
 layer because the guarantees then hold by construction for every type, and over

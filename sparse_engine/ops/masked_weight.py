@@ -1,7 +1,7 @@
 """The masked dense fallback: ``W*M`` as a differentiable tensor, and the masked embedding lookup.
 
-Layers without a fused masked kernel (Conv3d, ConvTranspose, Bilinear, LSTM/GRU/RNN,
-MultiheadAttention) compute their dense torch op on ``masked_weight(W, bits)``, and the
+Layers without a fused masked kernel (Conv3d, ConvTranspose, LSTM/GRU/RNN) compute their dense
+torch op on ``masked_weight(W, bits)``, and the
 ``"materialized"`` implementation of ``masked_linear``/``masked_conv2d`` (``sparse_engine.ops.dispatch``)
 is the vendor op on it. It is the custom op ``sparse_engine::masked_weight``: one pass that copies
 the kept weights and writes zeros elsewhere, straight from the packed bits (C++ on CPU, Triton on
