@@ -173,9 +173,12 @@ def main(argv=None) -> None:
         text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=1, sparsities=sparsities)
         epochs = 2
         if not args.quick or args.trial_seconds:
-            # parent + one trial, 1 epoch; CPU seconds per thread: the wall time on an idle machine
-            one = bare_loop(Sweep.from_text(text.replace("sparsity = [0.8, 0.9, 0.95]", "sparsity = [0.8]"),
-                                            directory=scratch / "x"), threads)[1] / threads / 2
+            # parent + one trial, 1 epoch, after a first call that loads the data; CPU seconds per
+            # thread: the wall time on an idle machine
+            probe = Sweep.from_text(text.replace("sparsity = [0.8, 0.9, 0.95]", "sparsity = [0.8]"),
+                                    directory=scratch / "x")
+            bare_loop(probe, threads)
+            one = bare_loop(probe, threads)[1] / threads / 2
             epochs = max(1, round((args.trial_seconds or 60.0) / one))
         text = SWEEP.format(data_dir=directory, train_size=train_size, epochs=epochs, sparsities=sparsities)
         sweep_file = scratch / "sweep.toml"
