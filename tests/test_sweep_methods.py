@@ -192,7 +192,7 @@ def test_methods_from_init_need_no_pretraining():
 def test_reproduction_sweep_file_is_valid():
     sweep = Sweep.from_file(h.REPO / "examples" / "reproduction.toml")
     prune = [t for t in sweep.trials if t.kind == "prune"]
-    assert len(prune) == 10 * 3 * 3  # 10 sparse methods (dense is the parent) x 3 sparsities x 3 seeds
+    assert len(prune) == 16 * 3 * 3  # 16 sparse methods (dense is the parent) x 3 sparsities x 3 seeds
     assert {t.labels["sparsity"] for t in prune} == {0.9, 0.95, 0.98} and {t.labels["seed"] for t in prune} == {0, 1, 2}
     assert "beyond_accuracy" in sweep.trials[0].config["metrics"]
     # the same budget in optimizer steps: parent + retraining for the methods that start from the parent,
