@@ -248,8 +248,8 @@ def _parent_steps_exist(entry, options: dict, data: dict, pretrain: dict, path, 
     total = pretrain["epochs"] * -(-data["train_size"] // pretrain["batch_size"])
     late = {key: k for key, k in entry.parent_steps(options).items() if k >= total}
     for key, k in late.items():
-        problems.add(path + (key,), f"expected a step below the dense parent's {total} optimizer steps (pretrain.epochs "
-                                    f"x ceil(data.train_size / pretrain.batch_size)), got {k}")
+        problems.add(path + (key,), f"expected a step below the dense parent's {total} optimizer steps "
+                                    f"(pretrain.epochs x ceil(data.train_size / pretrain.batch_size)), got {k}")
     return not late
 
 

@@ -8,9 +8,10 @@ metrics so far and the time spent. A trial rebuilt from its spec and given that 
 exactly as the uninterrupted run would (same thread count: CPU float results can depend on it).
 
 A pretrain trial trains the dense parent with SGD/AdamW under the pretraining LR schedule (and,
-when its config lists ``snapshot_steps``, keeps its model's state after each of those optimizer steps:
-the rewind points of its lottery tickets); a prune trial loads its parent's final weights (or initialises a fresh model, for methods that prune at
-initialisation), sparsifies the model and hands it to its method's builder (``methods.py``).
+when its config lists ``snapshot_steps``, keeps its model's state after each of those optimizer
+steps: the rewind points of its lottery tickets); a prune trial loads its parent's final weights
+(or initialises a fresh model, for methods that prune at initialisation), sparsifies the model and
+hands it to its method's builder (``methods.py``).
 
 Where a trial runs and how its progress is recorded (checkpoints, journal) is ``runner.py``'s
 business, and which trials run together the executor's.
