@@ -49,6 +49,8 @@ class MethodContext:
         batch: a fixed training batch ``(inputs, targets)`` for gradient-based scores.
         parent_init: the parent's state_dict at initialisation (lottery tickets) or None.
         seed: the trial's seed.
+        parent_snapshots: ``{step: state_dict}``, the parent's model after the optimizer steps its
+            children's methods asked for (``Method.parent_steps``), or None.
     """
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -63,6 +65,7 @@ class MethodContext:
     batch: tuple
     parent_init: Optional[dict] = None
     seed: int = 0
+    parent_snapshots: Optional[dict] = None
 
     def bn(self) -> dict:
         return {} if self.bn_data is None else {"bn_data": self.bn_data}
@@ -80,13 +83,19 @@ class Method:
 
     ``start``: "parent" (prune the trained dense parent) or "init" (prune at initialisation; no
     parent is trained). ``owns_lr``: the pruner schedules the learning rate itself (IMP restarts
-    a schedule at every phase), so the trial adds none.
+    a schedule at every phase), so the trial adds none. ``parent_steps(options)``: ``{option name:
+    step}``, the parent's optimizer steps (> 0) whose model state the method reads from
+    ``MethodContext.parent_snapshots`` (the plan makes the parent save them); None: it reads none.
+    ``late_options``: options added after sweeps were recorded with the method; at their default they
+    are left out of the resolved config (the builder's own default applies), so those trials keep their ids.
     """
     build: Callable[..., Any]
     options: Mapping[str, Field] = field(default_factory=dict)
     start: str = "parent"
     owns_lr: bool = False
     doc: str = ""
+    parent_steps: Optional[Callable[[dict], dict]] = None
+    late_options: tuple = ()
 
 
 def _scored_inputs(score: str, ctx: MethodContext) -> dict:
@@ -165,15 +174,26 @@ def _pai(ctx: MethodContext, score, allocation, iterations, shuffle, reinit):
                        **inputs)
 
 
-def _lottery(ctx: MethodContext, phases, allocation, reinit):
-    if ctx.parent_init is None:
-        raise ValueError("lottery: the dense parent's weights at initialisation (its model.pt 'init') are missing; "
-                         "the ticket rewinds to them")
-    # IMP from the trained parent, every phase rewound to the parent's initialisation; reinit: the random-
-    # reinitialisation control (the last phase's kept weights drawn anew).
+def _lottery(ctx: MethodContext, phases, allocation, reinit, rewind_step=0):
+    if rewind_step == 0:
+        rewind = ctx.parent_init
+        if rewind is None:
+            raise ValueError("lottery: the dense parent's weights at initialisation (its model.pt 'init') are "
+                             "missing; the ticket rewinds to them")
+    else:
+        saved = ctx.parent_snapshots or {}
+        rewind = saved.get(rewind_step)
+        if rewind is None:
+            raise ValueError(f"lottery: rewind_step={rewind_step}: the dense parent saved no weights after step "
+                             f"{rewind_step} (its model.pt 'snapshots' has steps {sorted(saved)}); the sweep plan "
+                             f"makes a parent save the steps its tickets ask for")
+    # IMP from the trained parent, every phase rewound to the parent's parameters and buffers at step
+    # rewind_step (its initialisation for 0), the optimizer state cleared (IMP's weight rewinding: the
+    # parent's momentum is not kept, as in open_lth); reinit: the random-reinitialisation control (the last
+    # phase's kept weights drawn anew).
     return IMP(ctx.model, ctx.optimizer, ctx.sparsity, min(phases, ctx.epochs), budget_epochs=ctx.epochs,
                steps_per_epoch=ctx.steps_per_epoch, lr_schedule=ctx.lr_schedule, lr_options=ctx.lr_options(),
-               rewind=ctx.parent_init, reinit=reinit, score="magnitude", allocation=allocation, **ctx.bn())
+               rewind=rewind, reinit=reinit, score="magnitude", allocation=allocation, **ctx.bn())
 
 
 def _set(ctx: MethodContext, delta_t, drop_fraction, decay, stop, allocation):
@@ -218,9 +238,15 @@ METHODS: dict = {
                   start="init", doc="prune a fresh model at initialisation, then train it sparse (PruneAtInit)"),
     "lottery": Method(_lottery, {"phases": Field(integer(1), 1, "prune-rewind-retrain phases (at most one per epoch)"),
                                  "allocation": ALLOCATION,
-                                 "reinit": Field(boolean, False, "the random-reinitialisation control")},
-                      owns_lr=True, doc="lottery ticket: magnitude mask of the trained parent, weights rewound to "
-                                        "the parent's initialisation, retrained (IMP with rewinding)"),
+                                 "reinit": Field(boolean, False, "the random-reinitialisation control"),
+                                 "rewind_step": Field(integer(0), 0, "rewind to the parent's weights after this "
+                                                                     "many optimizer steps (0: its initialisation; "
+                                                                     "open_lth's rewinding_steps)")},
+                      owns_lr=True, late_options=("rewind_step",),
+                      parent_steps=lambda options: {"rewind_step": options["rewind_step"]}
+                      if options.get("rewind_step") else {},
+                      doc="lottery ticket: magnitude mask of the trained parent, weights rewound to the parent's "
+                          "initialisation or its step rewind_step, retrained (IMP with rewinding)"),
     "set": Method(_set, DST, start="init", doc="SET: dynamic sparse training from initialisation, random regrowth"),
     "rigl": Method(_rigl, DST, start="init",
                    doc="RigL: dynamic sparse training from initialisation, regrowth by dense gradient magnitude"),
@@ -306,6 +332,7 @@ def resolve_method(values: Any, path: KeyPath, problems: Problems) -> Optional[d
     else:
         checked = check_table(extra, method.options, path, problems)
         options, ok = checked.values, checked.ok
+        options = {k: v for k, v in options.items() if k not in method.late_options or v != method.options[k].default}
     if not ok:
         return None
     return {"name": base.values["name"], "lr_schedule": schedule, "options": options}

@@ -10,7 +10,8 @@ Two kinds: ``pretrain`` trials train a dense parent (model, data, pretraining se
 device), once, and ``prune`` trials start from their parent's checkpoint (or, for methods that
 prune at initialisation, from a fresh model) and prune and retrain it. Like open_lth's
 train/lottery split, the parent has an id of its own, and every pruning trial that needs the same
-parent shares it.
+parent shares it. A parent whose children read its model at early steps (a ticket's ``rewind_step``)
+saves it there: those steps are part of its config (``snapshot_steps``) only then.
 
 Grid: ``[grid]`` lists the axes: ``model`` and ``method`` (labels of ``[models.*]`` and
 ``[methods.*]``; default: every one defined), ``sparsity``, ``seed`` (default ``[0]``), and any
@@ -19,6 +20,7 @@ product are the trials. ``[[exclude]]`` entries drop the grid points that match 
 list matches any of its values); ``[[include]]`` entries add trials: lists expand, and an axis
 left out takes every value of the grid's.
 """
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -223,6 +225,8 @@ def _resolve_point(point: dict, data: dict, models: dict, methods: dict, top: di
         if pretrain["epochs"] is None:
             local.add(("pretrain", "epochs"), f"missing: method {point['method']!r} prunes a trained dense parent")
             return None
+        if not _parent_steps_exist(entry, method["options"], data_cfg, pretrain, path, local):
+            return None
         pre_config = {"kind": "pretrain", **common, "pretrain": pretrain}
         parent = TrialSpec(trial_id(pre_config), "pretrain", pre_config, None,
                            {"model": point["model"], "seed": point["seed"]}, data_cfg["dir"])
@@ -234,6 +238,43 @@ def _resolve_point(point: dict, data: dict, models: dict, methods: dict, top: di
               "train": {**train, "lr_schedule": schedule},
               "method": {"name": method["name"], "options": method["options"]}, "sparsity": point["sparsity"]}
     return parent, TrialSpec(trial_id(config), "prune", config, parent and parent.id, labels, data_cfg["dir"])
+
+
+def _parent_steps_exist(entry, options: dict, data: dict, pretrain: dict, path, problems: Problems) -> bool:
+    """The parent steps the method reads (``Method.parent_steps``) lie within the parent's training
+    (checked here when ``data.train_size`` gives the step count; else when the trial starts)."""
+    if entry.parent_steps is None or data["train_size"] is None:
+        return True
+    total = pretrain["epochs"] * -(-data["train_size"] // pretrain["batch_size"])
+    late = {key: k for key, k in entry.parent_steps(options).items() if k >= total}
+    for key, k in late.items():
+        problems.add(path + (key,), f"expected a step below the dense parent's {total} optimizer steps "
+                                    f"(pretrain.epochs x ceil(data.train_size / pretrain.batch_size)), got {k}")
+    return not late
+
+
+def _with_snapshots(trials: dict) -> dict:
+    """Parents that save their model after the steps their children's methods read
+    (``Method.parent_steps``, e.g. a ticket's ``rewind_step``): the steps join a parent's config as
+    ``snapshot_steps`` (hence its id and its children's) only when there are some, so the parents of
+    sweeps that need none keep their ids and files."""
+    wanted: dict = {}
+    for t in trials.values():
+        entry = lookup_method(t.config["method"]["name"]) if t.kind == "prune" and t.parent else None
+        if entry is not None and entry.parent_steps is not None:
+            wanted.setdefault(t.parent, set()).update(entry.parent_steps(t.config["method"]["options"]).values())
+    renamed, out = {}, {}
+    for t in trials.values():
+        config = None
+        if t.kind == "pretrain" and wanted.get(t.id):
+            config = {**t.config, "snapshot_steps": sorted(wanted[t.id])}
+            renamed[t.id] = trial_id(config)
+        elif t.kind == "prune" and t.parent in renamed:
+            config = {**t.config, "parent": renamed[t.parent]}
+        if config is not None:
+            t = dataclasses.replace(t, id=trial_id(config), config=config, parent=config.get("parent"))
+        out[t.id] = t
+    return out
 
 
 def plan_sweep(source: SweepSource, overrides: Optional[dict] = None) -> SweepPlan:
@@ -270,6 +311,7 @@ def plan_sweep(source: SweepSource, overrides: Optional[dict] = None) -> SweepPl
                 problems.add(("methods", spec.labels["method"]),
                              f"the trial {spec.describe()} is the same as {twin.describe()} (same resolved config)")
     problems.raise_if_any()
+    trials = _with_snapshots(trials)
     if not any(t.kind == "prune" for t in trials.values()):
         problems.add(("grid",), "declares no trial (every grid point is excluded)")
         problems.raise_if_any()

@@ -7,9 +7,11 @@ pruner, every RNG (torch, the shuffling generator, Python's, NumPy's, CUDA's), t
 metrics so far and the time spent. A trial rebuilt from its spec and given that state continues
 exactly as the uninterrupted run would (same thread count: CPU float results can depend on it).
 
-A pretrain trial trains the dense parent with SGD/AdamW under the pretraining LR schedule; a prune
-trial loads its parent's final weights (or initialises a fresh model, for methods that prune at
-initialisation), sparsifies the model and hands it to its method's builder (``methods.py``).
+A pretrain trial trains the dense parent with SGD/AdamW under the pretraining LR schedule (and,
+when its config lists ``snapshot_steps``, keeps its model's state after each of those optimizer
+steps: the rewind points of its lottery tickets); a prune trial loads its parent's final weights
+(or initialises a fresh model, for methods that prune at initialisation), sparsifies the model and
+hands it to its method's builder (``methods.py``).
 
 Where a trial runs and how its progress is recorded (checkpoints, journal) is ``runner.py``'s
 business, and which trials run together the executor's.
@@ -26,6 +28,7 @@ from torch import nn
 
 from sparse_engine.nn import mask_optimizer, sparse_modules, sparsify, sparsity_report
 from sparse_engine.pruning import retrain_lr_schedule
+from sparse_engine.pruning.methods.lottery import snapshot
 from sparse_engine.sweep import components
 from sparse_engine.sweep.methods import MethodContext, lookup_method
 from sparse_engine.sweep.metrics import evaluate_metrics, needs_parent
@@ -127,11 +130,13 @@ class Trial:
         self.generator = torch.Generator().manual_seed(seed)
         model = components.build(self.config["model"])
         self.init_state = None
+        self.snapshot_steps = frozenset(self.config.get("snapshot_steps", ()))
+        self.snapshots, self._step = {}, 0
         self.pruner = self.scheduler = None
         self._parent_weights, self._parent = (parent_state or {}).get("model"), None
         if self.pretrain:
             self.model = model.to(self.device)
-            self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.init_state = snapshot(self.model)
             self.optimizer = make_optimizer(self.model.parameters(), stage["optimizer"])
             lrs = pretrain_lrs(stage, self.epochs * self.steps_per_epoch)
             top = stage["optimizer"]["lr"]
@@ -162,7 +167,8 @@ class Trial:
                             total, schedule if schedule != "constant" else None, original, bn_data, F.cross_entropy,
                             (self.x_train[:self.batch_size].to(self.device),
                              self.y_train[:self.batch_size].to(self.device)),
-                            parent_state.get("init") if parent_state else None, self.config["seed"])
+                            parent_state.get("init") if parent_state else None, self.config["seed"],
+                            parent_state.get("snapshots") if parent_state else None)
         if not method.owns_lr and schedule != "constant":
             self.scheduler = retrain_lr_schedule(schedule, self.optimizer, total, **ctx.lr_options())
         self.pruner = method.build(ctx, **self.config["method"]["options"])
@@ -173,9 +179,11 @@ class Trial:
         """Train one epoch; returns its metrics (train loss, learning rate, sparsity, and the
         test metrics every ``eval_every`` epochs)."""
         started = time.perf_counter()
+        on_step = self.pruner.step if self.pruner is not None else None
+        if self.snapshot_steps:
+            self._step, on_step = self.epoch * self.steps_per_epoch, self._after_step
         loss = train_epoch(self.model, self.optimizer, self.x_train, self.y_train, self.batch_size, self.device,
-                           scheduler=self.scheduler, generator=self.generator,
-                           on_step=self.pruner.step if self.pruner is not None else None)
+                           scheduler=self.scheduler, generator=self.generator, on_step=on_step)
         if self.pruner is not None:
             self.pruner.on_epoch_end()
         self.epoch += 1
@@ -186,6 +194,12 @@ class Trial:
         self.history.append(metrics)
         self.elapsed += time.perf_counter() - started
         return metrics
+
+    def _after_step(self) -> None:
+        """A parent's step: keep the model's state after the steps in ``snapshot_steps``."""
+        self._step += 1
+        if self._step in self.snapshot_steps:
+            self.snapshots[self._step] = snapshot(self.model)
 
     @property
     def finished(self) -> bool:
@@ -216,10 +230,13 @@ class Trial:
                 "measured": list(self.config["metrics"])}
 
     def final_state(self) -> dict:
-        """What ``model.pt`` holds: the model's state_dict (and the initial one, for a parent)."""
+        """What ``model.pt`` holds: the model's state_dict (and, for a parent, the initial one and the
+        ``{step: state_dict}`` snapshots when it has ``snapshot_steps``)."""
         out = {"model": self.model.state_dict()}
         if self.init_state is not None:
             out["init"] = self.init_state
+        if self.snapshot_steps:
+            out["snapshots"] = dict(self.snapshots)
         return out
 
     # -- checkpointing --------------------------------------------------------------------------
@@ -230,7 +247,8 @@ class Trial:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "pruner": self.pruner.state_dict() if self.pruner is not None else None,
                 "rng": capture_rng(self.generator, self.device), "history": list(self.history),
-                "elapsed_s": self.elapsed, "threads": torch.get_num_threads(), "init": self.init_state}
+                "elapsed_s": self.elapsed, "threads": torch.get_num_threads(), "init": self.init_state,
+                **({"snapshots": dict(self.snapshots)} if self.snapshot_steps else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("trial") != self.spec.id:
@@ -246,3 +264,4 @@ class Trial:
         self.epoch, self.history, self.elapsed = state["epoch"], list(state["history"]), state["elapsed_s"]
         if state.get("init") is not None:
             self.init_state = state["init"]
+        self.snapshots = dict(state.get("snapshots") or {})
