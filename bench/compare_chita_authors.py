@@ -1,5 +1,6 @@
 """Side by side: this library's CHITA / CHITA++ against the authors' code, on the same checkpoint
-and the same per-sample gradients (Fashion-MNIST, the second-order demo's MLP 784-40-20-10).
+and the same per-sample gradients (Fashion-MNIST, the second-order demo's MLP 784-40-20-10, or another
+bias-free MLP shape: ``--hidden``).
 
 The authors' code (github mazumder-lab/CHITA) is not part of this repository and this script does
 not fetch it: check it out yourself and pass the path. It needs numba and scikit-learn
@@ -17,8 +18,9 @@ torchvision is not installed, empty stand-in modules for the ``torchvision`` imp
 ``utils/main_utils.py`` (data sets and models this comparison does not use).
 
 What runs:
-  dense     the demo's MLP, trained as the demo trains it (``--seed``, ``--epochs``), or loaded from
-            ``--checkpoint`` (written there when the file does not exist)
+  dense     the demo's MLP (or 784-``--hidden``-10, no biases, ReLU), trained as the demo trains it
+            (``--seed``, ``--epochs``), or loaded from ``--checkpoint`` (written there when the file does not
+            exist); both codes prune all of its weights
   single    at each sparsity and each l2 of ``--l2``, on one gradient matrix G (n x p per-sample
             gradients at the dense weights, eval mode): the authors' ``CHITA.prune(grads=G)`` (float64,
             as their code makes G), and ours ``chita_solve(G / sqrt(n), w0, k, l2)`` (float32, what
@@ -41,8 +43,8 @@ Timing: the two codes run interleaved in one process (per sparsity and l2: autho
 without backsolve), so a shared machine slows both alike; single stage: the solve only (the
 gradients are given to both); CHITA++: the stages' calls, gradient collection included (the
 authors' MultiStagePruner also evaluates and counts FLOPs between stages: not timed). Numba's
-compilation is warmed up first. Results: ``<out-dir>/chita_vs_authors_fashion_mnist_<device>.json``
-and ``.md`` (default out-dir bench/results; ``--quick``: a temporary directory).
+compilation is warmed up first. Results: ``<out-dir>/chita_vs_authors_<name>_<device>.json`` and ``.md``
+(``--name``, default fashion_mnist; default out-dir bench/results; ``--quick``: a temporary directory).
 """
 import argparse
 import contextlib
@@ -50,6 +52,7 @@ import copy
 import io
 import json
 import math
+import re
 import sys
 import time
 import types
@@ -63,14 +66,27 @@ from torch import nn
 from record import command_line, results_dir, run_metadata
 
 from sparse_engine import sparsify
-from sparse_engine.models import second_order_mlp
 from sparse_engine.pruning import chita, chita_objective, chita_solve, target_kept
 from sparse_engine.second_order_demo import prepare_data, train_dense
 from sparse_engine.train import evaluate
 
 AUTHORS_FILES = ("CHITA_opt/L0_card_const.py", "pruners/CHITA.py", "pruners/multi_stage_pruner.py",
                  "utils/main_utils.py")
-PARAMS = ("1.weight", "3.weight", "5.weight")  # the MLP's weights, the layers both codes prune
+DEMO_HIDDEN = (40, 20)  # second_order_mlp's hidden widths
+
+
+def build_mlp(hidden) -> nn.Module:
+    """784-hidden-10, no biases, ReLU: the demo's ``second_order_mlp`` for the default widths (the same
+    modules in the same order, so the same initialization under one seed)."""
+    widths, layers = (784, *hidden, 10), [nn.Flatten()]
+    for i in range(len(widths) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1], bias=False)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def weight_names(model: nn.Module) -> list[str]:
+    """The MLP's weights, the parameters both codes prune ("1.weight", "3.weight", ...)."""
+    return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 # ---- the authors' code ---------------------------------------------------------------------------
@@ -107,7 +123,7 @@ def import_authors(path: Path) -> types.SimpleNamespace:
 def authors_pruner(authors, model: nn.Module, loader, n: int, l2: float, iters: int):
     """Their pruner as their run_experiment.py builds it for Active_IHTCDLS: block size -1, no
     first-order term, fisher_mini_bsz 1 (per-sample gradients)."""
-    return authors.CHITA(model, list(PARAMS), loader, n, 1, F.cross_entropy, -1, l2, iters, False, False, "cpu",
+    return authors.CHITA(model, weight_names(model), loader, n, 1, F.cross_entropy, -1, l2, iters, False, False, "cpu",
                          "Active_IHTCDLS")
 
 
@@ -119,14 +135,14 @@ def quiet():
 
 def flat_weights(model: nn.Module) -> torch.Tensor:
     state = model.state_dict()
-    return torch.cat([state[p].detach().reshape(-1).float().cpu() for p in PARAMS])
+    return torch.cat([state[p].detach().reshape(-1).float().cpu() for p in weight_names(model)])
 
 
 def with_weights(dense: nn.Module, w) -> nn.Module:
     model = copy.deepcopy(dense).cpu()
     w = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w).float()
     state, i = model.state_dict(), 0
-    for p in PARAMS:
+    for p in weight_names(model):
         count = state[p].numel()
         state[p] = w[i:i + count].reshape(state[p].shape)
         i += count
@@ -143,7 +159,7 @@ def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
         return F.cross_entropy(torch.func.functional_call(model, ps, (xi[None],)), yi[None])
 
     g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x.cpu(), y.cpu())
-    return torch.cat([g[p].reshape(x.shape[0], -1) for p in PARAMS], 1)
+    return torch.cat([g[p].reshape(x.shape[0], -1) for p in weight_names(model)], 1)
 
 
 def objective(G: torch.Tensor, w, w0: torch.Tensor, l2: float) -> float:
@@ -303,8 +319,11 @@ def on_off(flag: bool) -> str:
 def markdown(result: dict) -> str:
     meta, single, chosen, multi = result["meta"], result["single"], result["chosen"], result["chita_pp"]
     a = meta["args"]
+    hidden = tuple(a.get("hidden", DEMO_HIDDEN))
+    shape = "-".join(map(str, (784, *hidden, 10)))
+    arch = f"the second-order demo's MLP {shape}" if hidden == DEMO_HIDDEN else f"the MLP {shape}"
     lines = [f"# CHITA: this library against the authors' code (mazumder-lab/CHITA), side by side", "",
-             f"Fashion-MNIST, the second-order demo's MLP 784-40-20-10 (no bias, {meta['weights']} weights), dense "
+             f"Fashion-MNIST, {arch} (no bias, {meta['weights']} weights), dense "
              f"{pct(meta['dense']['test_acc'])}% test ({a['epochs']} epochs, seed {a['seed']}); n = {a['n_grads']} "
              f"per-sample gradients (the same for both), {a['iht_iters']} iterations; l2 chosen per code on a "
              f"{meta['val_size']}-image validation split from {a['l2']}; objective Q on the live columns (our scale; "
@@ -390,6 +409,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-grads", type=int, default=1000)
     p.add_argument("--iht-iters", type=int, default=100, help="theirs num_iterations, ours iht_iters")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--hidden", type=int, nargs="+", default=list(DEMO_HIDDEN),
+                   help="the MLP's hidden widths (784-hidden-10, no biases; default: the demo's 40 20)")
+    p.add_argument("--name", default="fashion_mnist",
+                   help="the results' name: <out-dir>/chita_vs_authors_<name>_<device>.json and .md")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
@@ -404,6 +427,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--sparsities must lie in (0, 1) and --l2 be > 0")
     if args.stages < 0 or args.n_grads < 1 or args.val_size < 1:
         p.error("--stages must be >= 0, --n-grads and --val-size >= 1")
+    if not all(h >= 1 for h in args.hidden):
+        p.error(f"--hidden: expected widths >= 1, got {args.hidden}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        p.error(f"--name: expected letters, digits, '_', '.' or '-' (a file name), got {args.name!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -418,7 +445,7 @@ def main(argv=None) -> dict:
     data = prepare_data(args)
     data["grads"] = [(x.cpu(), y.cpu()) for x, y in data["grads"]]  # both codes read the same images
     torch.manual_seed(args.seed)
-    dense = second_order_mlp()
+    dense = build_mlp(args.hidden)
     if args.checkpoint is not None and args.checkpoint.exists():
         dense.load_state_dict(torch.load(args.checkpoint))
     else:
@@ -467,7 +494,7 @@ def main(argv=None) -> dict:
     result = dict(meta=meta, single=single, chosen=chosen, chita_pp=multi)
     out = results_dir(args.out_dir, args.quick, "chita_vs_authors")
     out.mkdir(parents=True, exist_ok=True)
-    name = f"chita_vs_authors_fashion_mnist_{args.device}"
+    name = f"chita_vs_authors_{args.name}_{args.device}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     text = markdown(result)
     (out / f"{name}.md").write_text(text)

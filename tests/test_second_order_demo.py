@@ -128,3 +128,26 @@ def test_authors_comparison_needs_a_checkout(tmp_path, monkeypatch, capsys):
     (tmp_path / "pruners" / "CHITA.py").write_text("")
     with pytest.raises(SystemExit, match="not a checkout of mazumder-lab/CHITA .missing CHITA_opt/L0_card_const.py"):
         compare.main(["--authors", str(tmp_path), "--quick"])
+
+
+def test_authors_comparison_other_mlp_shapes(monkeypatch, capsys):
+    """--hidden builds a bias-free 784-hidden-10 MLP (the demo's own MLP for 40 20, the same
+    initialization) whose Linear weights both codes prune; bad --hidden / --name are refused."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import compare_chita_authors as compare
+    torch.manual_seed(3)
+    demo = compare.build_mlp([40, 20])
+    torch.manual_seed(3)
+    ref = mlp()
+    assert all(torch.equal(a, b) for a, b in zip(demo.state_dict().values(), ref.state_dict().values()))
+    shallow = compare.build_mlp([32])
+    assert compare.weight_names(shallow) == ["1.weight", "3.weight"]
+    assert [tuple(p.shape) for p in shallow.parameters()] == [(32, 784), (10, 32)]
+    assert shallow(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    w = torch.randn(32 * 784 + 10 * 32)
+    assert torch.equal(compare.flat_weights(compare.with_weights(shallow, w)), w)
+    for argv, message in ((["--hidden", "0"], "--hidden: expected widths >= 1"),
+                          (["--name", "a/b"], "--name: expected letters, digits")):
+        with pytest.raises(SystemExit):
+            compare.parse_args(["--authors", "x", *argv])
+        assert message in capsys.readouterr().err
