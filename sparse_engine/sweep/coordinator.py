@@ -144,14 +144,16 @@ class Sweep:
             journal.append({"event": "run", "settings": pool.settings, "todo": len(todo), "pid": os.getpid()})
             waiting, in_flight, busy_until = list(todo), set(), {}
             while waiting or in_flight:
+                # One query per round (not one per waiting trial: sweeps have hundreds).
+                state = index.states()
                 # A trial finished meanwhile (by a worker of a killed runner that was still
                 # writing) is not run again.
-                waiting = [t for t in waiting if index.state(t.id) != "done"]
+                waiting = [t for t in waiting if state.get(t.id) != "done"]
                 now = time.monotonic()
-                ready = [t for t in waiting if (t.parent is None or index.state(t.parent) == "done")
+                ready = [t for t in waiting if (t.parent is None or state.get(t.parent) == "done")
                          and busy_until.get(t.id, 0) <= now]
                 waiting_ids = {t.id for t in waiting}
-                blocked = [t for t in waiting if t.parent is not None and index.state(t.parent) == "failed"
+                blocked = [t for t in waiting if t.parent is not None and state.get(t.parent) == "failed"
                            and t.parent not in in_flight and t.parent not in waiting_ids]
                 for t in blocked:
                     journal.append({"event": "failed", "trial": t.id, "error": f"its parent {t.parent} failed",
@@ -227,10 +229,16 @@ class _Tail:
         self.offset = index.journal_offset()
 
     def follow(self, final: bool = False) -> list:
-        """Apply the journal's new events to the index; returns them."""
-        events, self.offset = self.journal.read(self.offset, final=final)
-        self.index.apply(events, self.offset)
+        """Apply the journal's new events to the index; returns them. Nothing new, nothing written
+        (the coordinator polls several times a second)."""
+        events, offset = self.journal.read(self.offset, final=final)
+        if offset != self.offset:
+            self.offset = offset
+            self.index.apply(events, offset)
         return events
 
     def state(self, trial: str) -> str:
         return self.index.state(trial)
+
+    def states(self) -> dict[str, str]:
+        return self.index.states()

@@ -156,6 +156,10 @@ class Index:
         row = self.db.execute("SELECT state FROM trials WHERE id=?", (trial,)).fetchone()
         return row[0] if row else "pending"
 
+    def states(self) -> dict[str, str]:
+        """Every recorded trial's state (a trial absent here is pending), in one query."""
+        return dict(self.db.execute("SELECT id, state FROM trials"))
+
     def close(self) -> None:
         self.db.close()
 
