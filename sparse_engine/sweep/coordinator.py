@@ -134,7 +134,8 @@ class Sweep:
         index.follow()
         by_id = self.plan.by_id()
         skip = ("done",) if retry_failed else ("done", "failed")
-        todo = [t for t in self.plan.trials if index.state(t.id) not in skip]
+        state = index.states()
+        todo = [t for t in self.plan.trials if state.get(t.id, "pending") not in skip]
         bar = Progress(todo, index.index, progress)
         env = WorkerEnv(str(self.directory.resolve()), checkpoint_every=run["checkpoint_every"], git_sha=git_sha(),
                         coordinator=(socket.gethostname(), os.getpid()))
@@ -236,9 +237,6 @@ class _Tail:
             self.offset = offset
             self.index.apply(events, offset)
         return events
-
-    def state(self, trial: str) -> str:
-        return self.index.state(trial)
 
     def states(self) -> dict[str, str]:
         return self.index.states()
