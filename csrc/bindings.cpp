@@ -251,6 +251,52 @@ void apply_mask_(at::Tensor& t, const at::Tensor& mask_bits) {
                                  bits.const_data_ptr<int32_t>());
 }
 
+// ---- the op sparse_engine::masked_weight(weight, mask_bits) -> W*M ---------------------------------
+// Registered here, in C++, rather than with torch.library.custom_op in Python: a Python custom op
+// costs about 0.1 ms per call and per backward, more than the copy itself for most layers, and the
+// masked dense route (sparse_engine.ops.dispatch) calls it once per layer per step and once per
+// weight gradient. Its fake (meta) kernel and its CUDA kernel (Triton) are registered in
+// sparse_engine/ops/masked_weight.py; the gradient is the same op on dW (exact zeros at pruned
+// positions), through the dispatcher, so it is differentiable again.
+
+at::Tensor masked_weight_call(const at::Tensor& weight, const at::Tensor& mask_bits) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sparse_engine::masked_weight", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(weight, mask_bits);
+}
+
+// The (rows, cols) view the packed mask packs: (shape[0], prod(shape[1:])), (1, numel) below rank 2.
+at::Tensor as_selection_matrix(const at::Tensor& t) {
+  if (t.dim() < 2) return t.reshape({1, t.numel()});
+  return t.reshape({t.size(0), c10::multiply_integers(t.sizes().slice(1))});
+}
+
+at::Tensor masked_weight_cpu(const at::Tensor& weight, const at::Tensor& mask_bits) {
+  return masked_copy(as_selection_matrix(weight), mask_bits.contiguous()).view(weight.sizes());
+}
+
+class MaskedWeightFunction : public torch::autograd::Function<MaskedWeightFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                            const at::Tensor& mask_bits) {
+    ctx->save_for_backward({mask_bits});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return masked_weight_call(weight, mask_bits);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor mask_bits = ctx->get_saved_variables()[0];
+    return {masked_weight_call(grads[0], mask_bits), at::Tensor()};
+  }
+};
+
+at::Tensor masked_weight_autograd(const at::Tensor& weight, const at::Tensor& mask_bits) {
+  return MaskedWeightFunction::apply(weight, mask_bits);
+}
+
+
 at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_bits,
                              const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "masked_linear_fwd";
@@ -366,6 +412,16 @@ std::vector<at::Tensor> topk_mask(const std::vector<at::Tensor>& scores, const s
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparse_engine, m) {
+  // Where the Python registrations (fake kernel, CUDA kernel) live, imported on first need.
+  m.set_python_module("sparse_engine.ops.masked_weight");
+  m.def("masked_weight(Tensor weight, Tensor mask_bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparse_engine, CPU, m) { m.impl("masked_weight", &masked_weight_cpu); }
+
+TORCH_LIBRARY_IMPL(sparse_engine, Autograd, m) { m.impl("masked_weight", &masked_weight_autograd); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_engine's compiled kernels: mask bit packing, masked_linear and topk_mask, on CPU (OpenMP) and CUDA.";

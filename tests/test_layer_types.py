@@ -283,6 +283,32 @@ def test_masked_weight_against_reference(shape):
         masked_weight(w, pack_mask(torch.ones(shape[0] + 1, *shape[1:], dtype=torch.bool)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_masked_weight_op_layouts_and_sizes(dtype, layout):
+    """The C++ op (AVX2 clones, chunks of words in parallel) on more words than one parallel chunk,
+    a ragged last word per row, every element size, and strided weights; gradients are masked
+    copies too, differentiable again (gradgradcheck)."""
+    rows, cols = 301, 453  # 301 * 15 words: several chunks of 1024 words
+    base = torch.randn(cols, rows) if layout == "transposed" else torch.randn(rows, 2 * cols)
+    w = {"contiguous": base[:, :cols].contiguous(), "transposed": base.t(), "sliced": base[:, ::2]}[layout]
+    w = w.to(dtype).requires_grad_()
+    mask = torch.rand(rows, cols) < 0.5
+    bits = pack_mask(mask)
+    out = masked_weight(w, bits)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, torch.where(mask, w.detach(), torch.zeros((), dtype=dtype)))
+    assert (out[~mask].view(torch.int16 if dtype.itemsize == 2 else torch.int32 if dtype.itemsize == 4
+                            else torch.int64) == 0).all()  # +0 exactly
+    g = torch.randn(rows, cols, dtype=dtype)
+    out.backward(g)
+    assert torch.equal(w.grad, torch.where(mask, g, torch.zeros((), dtype=dtype)))
+    if dtype == torch.float64:
+        small = torch.randn(5, 37, dtype=dtype, requires_grad=True)
+        small_bits = pack_mask(torch.rand(5, 37) < 0.5)
+        assert torch.autograd.gradgradcheck(lambda t: masked_weight(t, small_bits), (small,))
+
+
 def test_masked_embedding_against_reference():
     w = torch.randn(29, 37, dtype=torch.float64, requires_grad=True)
     bits = pack_mask(torch.rand(29, 37) < 0.5)

@@ -21,16 +21,20 @@ def _model():
                                   nn.Linear(17, 4)))
 
 
+# The implementations: single-tensor, foreach, and the fused CPU kernels.
+_IMPLEMENTATIONS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+
+
 def _sgd_flags():
     for momentum, nesterov, dampening in [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, False, 0.3), (0.9, True, 0.0)]:
-        for wd, maximize, foreach in itertools.product([0.0, 1e-2], [False, True], [False, True]):
+        for wd, maximize, impl in itertools.product([0.0, 1e-2], [False, True], _IMPLEMENTATIONS):
             yield dict(lr=0.05, momentum=momentum, nesterov=nesterov, dampening=dampening, weight_decay=wd,
-                       maximize=maximize, foreach=foreach)
+                       maximize=maximize, **impl)
 
 
 def _adam_flags():
-    for wd, amsgrad, maximize, foreach in itertools.product([0.0, 1e-1], [False, True], [False, True], [False, True]):
-        yield dict(lr=1e-2, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=False)
+    for wd, amsgrad, maximize, impl in itertools.product([0.0, 1e-1], [False, True], [False, True], _IMPLEMENTATIONS):
+        yield dict(lr=1e-2, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, **impl)
 
 
 CASES = ([(torch.optim.SGD, f) for f in _sgd_flags()] + [(torch.optim.Adam, f) for f in _adam_flags()]
@@ -87,7 +91,6 @@ UNPROVEN = {
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, centered=True),
     "adam-subclass": lambda p: MyAdam(p, lr=1e-2),
     "adam-eps0": lambda p: torch.optim.Adam(p, lr=1e-2, eps=0.0),
-    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
     "sgd-tensor-lr": lambda p: torch.optim.SGD(p, lr=torch.tensor(0.05), momentum=0.9),
 }
 
@@ -118,6 +121,9 @@ def test_decision_per_group_and_always_apply():
     opt.param_groups[1]["eps"] = 1e-8  # judged at every step, as the groups are now
     assert handle.layers_to_apply() == []
     assert not update_keeps_zeros(opt, {**opt.param_groups[0], "lr": float("inf")})
+    assert update_keeps_zeros(opt, {**opt.param_groups[0], "fused": True})  # CPU parameters
+    assert not update_keeps_zeros(opt, {**opt.param_groups[0], "fused": True,
+                                        "params": [torch.empty(3, device="meta")]})  # not CPU: unproven
     handle.remove()
     always = mask_optimizer(opt, model, always_apply=True)
     assert always.layers_to_apply() == [model[0], model[3], model[5]]

@@ -88,6 +88,29 @@ def test_grad_ops_with_strided_dy():
     torch.testing.assert_close(dw, (dy.t() @ x) * mask, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_several_blocks_of_w(dtype):
+    """W large enough that the CPU kernels expand W*M in several 4 MiB blocks of rows (forward, dW)
+    and of columns (dX), the last ones ragged; K not a multiple of 32."""
+    m, n, k = 9, 1100, 1001 if dtype == torch.float64 else 2011
+    x = torch.randn(m, k, dtype=torch.float64)
+    w = torch.randn(n, k, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64)
+    mask = torch.rand(n, k) < 0.5
+    bits = pack_mask(mask)
+    dy = torch.randn(m, n, dtype=torch.float64)
+    x_, w_, b_ = (t.to(dtype).requires_grad_() for t in (x, w, b))
+    y = masked_linear(x_, w_, bits, b_)
+    y.backward(dy.to(dtype))
+    xr, wr, br = (t.to(dtype).double().requires_grad_() for t in (x, w, b))
+    ref = masked_linear_ref(xr, wr, bits, br)
+    ref.backward(dy.to(dtype).double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    for got, want in ((y, ref), (x_.grad, xr.grad), (w_.grad, wr.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * k ** 0.5)
+    assert (w_.grad[~mask] == 0).all()
+
+
 def test_gradcheck_fp64():
     x = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 37, dtype=torch.float64, requires_grad=True)

@@ -17,7 +17,7 @@ void unpack_mask(const int32_t* bits, int64_t rows, int64_t cols, uint8_t* mask)
 
 // Sets the pruned elements of a (rows, cols) tensor to all-zero bytes (+0 for every floating
 // dtype), in place: element (r, c) lives at data + (r * stride_row + c * stride_col) * elem_size.
-// Kept elements are neither read nor written. elem_size is 1, 2, 4 or 8.
+// Words whose 32 elements are all kept are not touched. elem_size is 1, 2, 4 or 8.
 void apply_mask(void* data, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row, int64_t stride_col,
                 const int32_t* bits);
 
@@ -25,5 +25,12 @@ void apply_mask(void* data, int64_t elem_size, int64_t rows, int64_t cols, int64
 // stride_row / stride_col), pruned ones all-zero bytes. elem_size is 1, 2, 4 or 8.
 void masked_copy(const void* src, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
                  int64_t stride_col, const int32_t* bits, void* dst);
+
+// masked_copy of a block of columns [c0, c0 + cols) of a larger matrix, c0 a multiple of 32: src
+// and bits point at the block's first element and word, a row of the mask is bits_stride_row words
+// apart, and row r of the block goes to dst + r * dst_stride_row (elements).
+void masked_copy_block(const void* src, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
+                       int64_t stride_col, const int32_t* bits, int64_t bits_stride_row, void* dst,
+                       int64_t dst_stride_row);
 
 }  // namespace sparse_engine::cpu

@@ -43,6 +43,9 @@ ENV_VAR = "SPARSE_ENGINE_MASKED_IMPL"
 _REPS = 3
 
 _cache: dict[str, str] = {}
+# The same choices by a key that is cheap to build (tuples, no string formatting): the lookup runs
+# on every call of every masked layer. Rebuilt from _cache on a miss; cleared with it.
+_fast: dict[tuple, str] = {}
 
 
 def _check_implementation(implementation, argname: str) -> Optional[str]:
@@ -76,6 +79,7 @@ def choices() -> dict[str, str]:
 def clear() -> None:
     """Forget every measured choice."""
     _cache.clear()
+    _fast.clear()
 
 
 def save(path: Union[str, Path]) -> None:
@@ -91,6 +95,7 @@ def load(path: Union[str, Path]) -> None:
     for key, impl in data["choices"].items():
         _check_implementation(impl, f"path: {str(path)!r}: choice for {key!r}")
         _cache[key] = impl
+    _fast.clear()
 
 
 def cache_key(op: str, tensors: tuple, extra: tuple = ()) -> str:
@@ -148,8 +153,13 @@ def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, e
         return _pinned
     if torch.compiler.is_compiling():
         return "fused"
-    key = cache_key(op, tensors, extra)
-    impl = _cache.get(key)
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    fast = (op, backward, repr(extra)) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+    impl = _fast.get(fast)
     if impl is None:
-        impl = _cache[key] = _measure(run, tensors)
+        key = cache_key(op, tensors, extra)
+        impl = _cache.get(key)
+        if impl is None:
+            impl = _cache[key] = _measure(run, tensors)
+        _fast[fast] = impl
     return impl

@@ -21,6 +21,8 @@ WORD_BITS = 32
 
 
 def _shape(shape, argname: str = "shape") -> tuple[int, ...]:
+    if type(shape) is torch.Size:  # a tensor's own shape: valid by construction (the per-call path)
+        return tuple(shape)
     if isinstance(shape, Tensor) or isinstance(shape, (str, bytes)):
         raise TypeError(f"{argname}: expected a sequence of ints (a tensor's .shape), got {type(shape).__name__}")
     try:

@@ -18,7 +18,7 @@ from sparse_engine import _C
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops import dispatch
 from sparse_engine.ops.mask_pack import packed_shape, unpack_mask_ref
-from sparse_engine.ops.masked_weight import masked_weight
+import sparse_engine.ops.masked_weight  # noqa: F401  (registers the masked_weight op's fake and CUDA kernels)
 
 BACKENDS = ("triton", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -107,7 +107,8 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
 def _run_implementation(impl: str, tensors: tuple, backend: str) -> Tensor:
     x, weight, mask_bits, bias = tensors
     if impl == "materialized":
-        return torch.nn.functional.linear(x, masked_weight(weight, mask_bits), bias)
+        # The op itself: masked_linear has checked its arguments.
+        return torch.nn.functional.linear(x, torch.ops.sparse_engine.masked_weight(weight, mask_bits), bias)
     return torch.ops.sparse_engine.masked_linear(x, weight, mask_bits, bias, backend)
 
 
