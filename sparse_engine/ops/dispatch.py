@@ -153,8 +153,16 @@ def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, e
         return _pinned
     if torch.compiler.is_compiling():
         return "fused"
-    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    fast = (op, backward, repr(extra)) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+    fast = [op, repr(extra)]
+    backward = False
+    for t in tensors:
+        if t is None:
+            fast.append(None)
+        else:
+            fast += (t.shape, t.dtype, t.device)
+            backward = backward or t.requires_grad
+    fast.append(backward and torch.is_grad_enabled())
+    fast = tuple(fast)
     impl = _fast.get(fast)
     if impl is None:
         key = cache_key(op, tensors, extra)

@@ -97,11 +97,11 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     if weight.numel() == 0 or x.numel() == 0:
         # Nothing to mask (K = 0 or N = 0) or no rows: F.linear's result (the bias, or an empty tensor).
         return torch.nn.functional.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     run = functools.partial(_run_implementation, backend=backend)
     impl = dispatch.choose("masked_linear", run, (x2, weight, mask_bits, bias), extra=(backend,))
-    return run(impl, (x2, weight, mask_bits, bias)).reshape(*lead, weight.shape[0])
+    y = run(impl, (x2, weight, mask_bits, bias))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _run_implementation(impl: str, tensors: tuple, backend: str) -> Tensor:
