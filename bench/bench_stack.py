@@ -10,7 +10,21 @@ different learning rates, SGD with momentum 0.9. One measured step of
                losses summed, one backward, one StackedSGD step (per-model learning rates, with
                mask_stacked_optimizer's hooks)
 
-trains each of the K models once on its own batch: model-steps/s = K / (seconds per step). The
+trains each of the K models once on its own batch: model-steps/s = K / (seconds per step).
+
+The bound of stacking on the device, with no masks at all, in the same run (--no-dense skips it):
+
+  dense sequential   the K models dense (plain torch modules), one after another, SGD as above
+  dense vmap         the K dense models as PyTorch's model-ensembling recipe stacks them:
+                     torch.func.stack_module_state + vmap(grad(functional_call)), then SGD with
+                     momentum and per-model learning rates on the stacked tensors (BatchNorm with
+                     replace_all_batch_norm_modules_: batch statistics, no running ones, which vmap
+                     cannot update in place)
+
+If the dense vmap stack is not faster than the dense models one after another, no masked stack can
+be: the step is bound by the models' arithmetic, not by per-model overhead.
+
+The
 two are timed in interleaved rounds (a slow spell of a shared machine hits both alike), medians
 after warm-up; peak memory is that of one step (resident memory on CPU, the caching allocator's
 peak on CUDA), beyond what the models and optimizer state already hold. Before timing, a guard
@@ -24,6 +38,7 @@ Results: one JSON line per (model, K, method) appended to <out-dir>/stack_<devic
 run's table rewritten to <out-dir>/stack_<device>.md.
 """
 import argparse
+import copy
 import os
 import sys
 
@@ -49,6 +64,7 @@ class Case:
     """K sparse models trained one after another, and their stack, each with its batches."""
 
     def __init__(self, model: str, k: int, batch: int, device: torch.device, seed: int):
+        self.model_name = model
         g = torch.Generator().manual_seed(seed)
         self.models = []
         for i in range(k):
@@ -67,6 +83,40 @@ class Case:
         mask_stacked_optimizer(self.stacked_opt, self.stacked)
         self.batches = [(torch.randn(k, batch, 1, 28, 28, generator=g).to(device),
                          torch.randint(0, 10, (k, batch), generator=g).to(device)) for _ in range(2)]
+
+    def dense_bound(self, lrs: list, device: torch.device) -> None:
+        """The K models' dense copies (before masking) for the dense sequential and dense vmap steps."""
+        self.dense = [MODELS[self.model_name]().to(device) for _ in self.models]
+        for d, m in zip(self.dense, self.models):
+            d.load_state_dict({n: t for n, t in m.state_dict().items() if not n.endswith("mask_bits")}, strict=False)
+        self.dense_opts = [torch.optim.SGD(d.parameters(), lr=lr, momentum=0.9) for d, lr in zip(self.dense, lrs)]
+        self.params, self.buffers = torch.func.stack_module_state(self.dense)
+        self.base = copy.deepcopy(self.dense[0]).to("meta")
+        torch.func.replace_all_batch_norm_modules_(self.base)
+        shape = lambda t: (len(lrs),) + (1,) * (t.dim() - 1)
+        self.vmap_lrs = {n: torch.tensor(lrs, device=device).reshape(shape(t)) for n, t in self.params.items()}
+        self.momentum = {n: torch.zeros_like(t) for n, t in self.params.items()}
+
+        def loss(params, buffers, x, y):
+            return F.cross_entropy(torch.func.functional_call(self.base, (params, buffers), (x,)), y)
+
+        self.vmap_grad = torch.func.vmap(torch.func.grad(loss))
+
+    def dense_sequential(self, i: int) -> None:
+        x, y = self.batches[i % 2]
+        for k, (m, o) in enumerate(zip(self.dense, self.dense_opts)):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x[k]), y[k]).backward()
+            o.step()
+
+    @torch.no_grad()
+    def dense_vmap(self, i: int) -> None:
+        x, y = self.batches[i % 2]
+        with torch.enable_grad():
+            grads = self.vmap_grad(self.params, self.buffers, x, y)
+        for n, p in self.params.items():
+            buf = self.momentum[n].mul_(0.9).add_(grads[n])
+            p.sub_(self.vmap_lrs[n] * buf)
 
     def sequential(self, i: int) -> None:
         x, y = self.batches[i % 2]
@@ -105,13 +155,18 @@ def bench_case(model: str, k: int, batch: int, device: torch.device, args, meta:
     case = Case(model, k, batch, device, args.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     methods = {"sequential": (case.sequential, 2, None), "stacked": (case.stacked_step, 2, None)}
+    if args.dense:
+        case.dense_bound(case.lrs, device)
+        methods.update({"dense sequential": (case.dense_sequential, 2, None),
+                        "dense vmap": (case.dense_vmap, 2, None)})
     times = interleaved_ms(methods, meta["rounds"], meta["reps"], sync=sync)
     peaks = {name: peak_bytes(lambda: step(0), device) for name, (step, _, _) in methods.items()}
     rows = []
     for name, t in times.items():
         rows.append(dict(meta, model=model, k=k, batch=batch, method=name, ms=t.median, ms_p20=t.p20, ms_p80=t.p80,
                          model_steps_per_s=k / t.median * 1e3, peak_bytes=peaks[name],
-                         speedup=times["sequential"].median / t.median))
+                         speedup=(times["dense sequential" if name.startswith("dense") else "sequential"].median
+                                  / t.median)))
     return rows
 
 
@@ -128,6 +183,13 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
                ("speedup", lambda r: f"{r['st']['speedup']:.2f}x"),
                ("peak MiB sequential", lambda r: mib(r["seq"]["peak_bytes"])),
                ("peak MiB stacked", lambda r: mib(r["st"]["peak_bytes"]))]
+    if any(r["method"] == "dense vmap" for r in rows):
+        for r in table:
+            r["dvmap"] = by[r["model"], r["k"], "dense vmap"]
+            r["dseq"] = by[r["model"], r["k"], "dense sequential"]
+        columns += [("dense sequential ms/step", lambda r: f"{r['dseq']['ms']:.2f}"),
+                    ("dense vmap ms/step", lambda r: f"{r['dvmap']['ms']:.2f}"),
+                    ("dense vmap speedup (the bound)", lambda r: f"{r['dvmap']['speedup']:.2f}x")]
     head = (f"# Stacked training vs one model after another\n\n`{command}`\n\n"
             f"{meta['device']} ({meta['cpu_threads']} torch threads, load {meta['load_avg_1min']:.2f} at start), "
             f"torch {meta['torch']}, git {meta['git_sha']}, {meta['date']}; batch {rows[0]['batch']} per model, "
@@ -141,6 +203,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, help="batch per model (default 128; 16 with --quick)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--ks", nargs="+", type=int, help=f"stack sizes (default {KS}; {QUICK_KS} with --quick)")
+    p.add_argument("--no-dense", dest="dense", action="store_false",
+                   help="skip the dense bound (dense models one after another vs a torch.func vmap stack)")
     args = p.parse_args(argv)
     check_run_arguments(p, args)
     if args.threads is not None:
