@@ -283,8 +283,8 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         + (f", CUDA {meta['cuda']}" if meta["device_type"] == "cuda" else ""),
         f"- command: `{command}`",
         f"- host load average (1 min) at the start: {meta['load_avg_1min']:.2f} on {meta['cpu_count']} CPUs",
-        f"- step: zero_grad, forward, cross-entropy, backward, AdamW (lr 1e-3; adamw: torch's default "
-        "implementation, adamw-fused: fused=True); sparsity {SPARSITY} by global "
+        "- step: zero_grad, forward, cross-entropy, backward, AdamW (lr 1e-3; adamw: torch's default "
+        f"implementation, adamw-fused: fused=True); sparsity {SPARSITY} by global "
         "magnitude (ours: prune_ + mask_optimizer; torch: prune.global_unstructured L1 on the same weights)",
         f"- ms: median over {meta['rounds']} round(s) of each round's median of {meta['reps']} steps, the "
         "three methods interleaved in every round",

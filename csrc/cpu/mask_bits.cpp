@@ -42,12 +42,14 @@ template <typename word_t>
 __attribute__((always_inline)) inline void apply_mask_words(word_t* data, int64_t cols, int64_t words_per_row,
                                                             int64_t stride_row, int64_t stride_col,
                                                             const int32_t* bits, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
+  // Row and word of i, stepped along (a 64-bit division per word would cost more than the masking).
+  int64_t r = i0 / words_per_row, w = i0 % words_per_row;
+  for (int64_t i = i0; i < i1; ++i, w = (w + 1 == words_per_row) ? 0 : w + 1, r += (w == 0)) {
     const uint32_t word = static_cast<uint32_t>(bits[i]);
     if (word == 0xffffffffu) continue;  // all 32 kept (padding bits are 0, so never a partial last word)
-    const int64_t c0 = (i % words_per_row) * 32;
+    const int64_t c0 = w * 32;
     const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
-    word_t* d = data + (i / words_per_row) * stride_row + c0 * stride_col;
+    word_t* d = data + r * stride_row + c0 * stride_col;
     if (stride_col == 1) {
       for (int j = 0; j < n; ++j) d[j] &= keep_bits<word_t>(word, j);
     } else {
@@ -64,15 +66,17 @@ __attribute__((always_inline)) inline void masked_copy_words(const word_t* src, 
                                                              const int32_t* bits, int64_t bits_stride_row,
                                                              word_t* dst, int64_t dst_stride_row, int64_t i0,
                                                              int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t r = i / words_per_row;
-    const int64_t w = i % words_per_row;
+  int64_t r = i0 / words_per_row, w = i0 % words_per_row;  // stepped along, as in apply_mask_words
+  for (int64_t i = i0; i < i1; ++i, w = (w + 1 == words_per_row) ? 0 : w + 1, r += (w == 0)) {
     const uint32_t word = static_cast<uint32_t>(bits[r * bits_stride_row + w]);
     const int64_t c0 = w * 32;
     const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
     const word_t* s = src + r * stride_row + c0 * stride_col;
     word_t* d = dst + r * dst_stride_row + c0;
-    if (stride_col == 1) {
+    if (stride_col == 1 && n == 32 && sizeof(word_t) >= 4) {
+      // A whole word, a fixed trip count with constant bit positions: AVX2 compares 8 lanes at once.
+      for (int j = 0; j < 32; ++j) d[j] = s[j] & static_cast<word_t>(word_t(0) - word_t((word & (1u << j)) != 0));
+    } else if (stride_col == 1) {
       for (int j = 0; j < n; ++j) d[j] = s[j] & keep_bits<word_t>(word, j);
     } else {
       for (int j = 0; j < n; ++j) d[j] = s[j * stride_col] & keep_bits<word_t>(word, j);
