@@ -519,19 +519,21 @@ def test_stack_cpu_quick_run_writes_rows_and_table(tmp_path, stack_bench):
     assert run.returncode == 0, run.stderr
     (path,) = tmp_path.glob("stack_cpu-*.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    methods = ("sequential", "stacked", "dense sequential", "dense vmap")
     assert {(r["model"], r["k"], r["method"]) for r in rows} == {
-        (m, k, x) for m in stack_bench.MODELS for k in stack_bench.QUICK_KS for x in ("sequential", "stacked")}
+        (m, k, x) for m in stack_bench.MODELS for k in stack_bench.QUICK_KS for x in methods}
     by = {(r["model"], r["k"], r["method"]): r for r in rows}
     for r in rows:
+        baseline = "dense sequential" if r["method"].startswith("dense") else "sequential"
         for key in ("date", "device", "torch", "git_sha", "load_avg_1min"):
             assert r[key] is not None, key
         assert r["quick"] is True and r["batch"] == 16 and r["timer"] == "perf_counter"
         assert r["ms"] > 0 and math.isfinite(r["ms"]) and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         assert r["model_steps_per_s"] == pytest.approx(r["k"] / r["ms"] * 1e3)
-        assert r["speedup"] == pytest.approx(by[r["model"], r["k"], "sequential"]["ms"] / r["ms"])
+        assert r["speedup"] == pytest.approx(by[r["model"], r["k"], baseline]["ms"] / r["ms"])
         assert r["peak_bytes"] >= 0
     table = next(tmp_path.glob("stack_cpu-*.md")).read_text()
-    assert "| mlp | 4 |" in table and "| cnn | 1 |" in table
+    assert "| mlp | 4 |" in table and "| cnn | 1 |" in table and "dense vmap speedup (the bound)" in table
 
 
 def test_stack_guard_stops_a_stacked_step_that_differs(stack_bench, monkeypatch):
@@ -555,26 +557,29 @@ def test_models_cpu_quick_run_writes_rows_and_table(tmp_path, models_bench):
     rows = quick_cpu_rows(MODELS_SCRIPT, tmp_path, "models")
     names = [w.name for w in models_bench.workloads(True)]
     assert len(names) == 6 and "lstm" in names
-    assert sorted((r["model"], r["method"]) for r in rows) == sorted(
-        (n, m) for n in names for m in ("dense", "ours", "prune"))
-    by = {(r["model"], r["method"]): r for r in rows}
+    optimizers = list(models_bench.OPTIMIZERS)
+    assert optimizers == ["adamw", "adamw-fused"]
+    assert sorted((r["model"], r["optimizer"], r["method"]) for r in rows) == sorted(
+        (n, o, m) for n in names for o in optimizers for m in ("dense", "ours", "prune"))
+    by = {(r["model"], r["optimizer"], r["method"]): r for r in rows}
     for r in rows:
         assert r["ms"] > 0 and r["git_sha"] and r["quick"] is True and r["threads"] == 1
-        assert r["over_dense"] == pytest.approx(r["ms"] / by[r["model"], "dense"]["ms"])
-        assert r["over_prune"] == pytest.approx(r["ms"] / by[r["model"], "prune"]["ms"])
+        assert r["over_dense"] == pytest.approx(r["ms"] / by[r["model"], r["optimizer"], "dense"]["ms"])
+        assert r["over_prune"] == pytest.approx(r["ms"] / by[r["model"], r["optimizer"], "prune"]["ms"])
         if r["method"] == "ours":  # every model has a masked linear or conv layer: choices were made
             assert set(r["dispatch"]) == {"fused", "materialized"} and sum(r["dispatch"].values()) > 0
         else:
             assert r["dispatch"] is None
     (md,) = tmp_path.glob("models_cpu-*.md")
     text = md.read_text()
-    assert sum(line.startswith(f"| {n} |") for n in names for line in text.splitlines()) == len(names)
+    assert sum(line.startswith(f"| {n} |") for n in names for line in text.splitlines()) == 2 * len(names)
+    assert "| adamw-fused |" in text
     assert "Goal not met:" in text
 
 
 def test_models_guard_stops_different_masks(models_bench):
     w = models_bench.workloads(True)[0]
-    case = models_bench.Case(w, torch.device("cpu"), 0)
+    case = models_bench.Case(w, torch.device("cpu"), 0, "adamw")
     models_bench.check_before(case, w.name)  # passes as it is
     _, unit = sparse_modules(case.models["ours"])[0]
     unit.set_mask(torch.ones_like(unit.mask))
