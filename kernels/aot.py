@@ -135,7 +135,8 @@ def _stacked_masked_linear_variants(arch):
 
 def _masked_conv2d_variants(arch):
     from sparse_engine.kernels import masked_conv2d as mc
-    # A 3x3 convolution, unit dilation, contiguous NCHW operands (inner strides 1).
+    # A 3x3 convolution, one group per model (G, a constexpr), unit dilation, contiguous NCHW operands
+    # (inner strides 1).
     kernels = {
         "fwd": ("_masked_conv2d_fwd_kernel", ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"),
                 ("sxw", "sww", "syw", "dil_h", "dil_w"), {"HAS_BIAS": True}),
@@ -148,7 +149,7 @@ def _masked_conv2d_variants(arch):
         for dtype, tf32 in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, False),
                             (torch.float32, True)):
             for c in mc.reachable_configs(name, dtype, tf32, arch):
-                consts = {**extra, "KH": 3, "KW": 3, "DOT_PRECISION": "tf32" if tf32 else "ieee", **c.kwargs,
+                consts = {**extra, "G": 1, "KH": 3, "KW": 3, "DOT_PRECISION": "tf32" if tf32 else "ieee", **c.kwargs,
                           **{o: 1 for o in ones}}
                 # bwd_weight writes fp32 partial sums when the reduction is split, x's dtype otherwise.
                 types = tuple((p, torch.float32 if p == "out_ptr" else dtype) for p in floats)
@@ -370,9 +371,9 @@ def compile_variant(v: Variant) -> Result:
 _WIDE_STRIDES = (
     (r"^sm90 masked_linear\.fwd fp16 ", ("stride_xk", "stride_wk")),
     (r"^sm90 masked_linear\.bwd_input fp16 ", ("stride_dyn",)),
-    (r"^sm90 masked_conv2d\.fwd fp16 ", ("sxc", "sxh", "syh")),
-    (r"^sm90 masked_conv2d\.bwd_input fp16 ", ("sdc", "sxh")),
-    (r"^sm90 masked_conv2d\.bwd_weight fp16 ", ("sxc", "sxh", "sdh")),
+    (r"^sm90 masked_conv2d\.fwd fp16 ", ("sxs", "sxc", "sxh", "sys", "syh")),
+    (r"^sm90 masked_conv2d\.bwd_input fp16 ", ("sds", "sdc", "sxs", "sxh")),
+    (r"^sm90 masked_conv2d\.bwd_weight fp16 ", ("sds", "sxs", "sxc", "sxh", "sdh")),
 )
 
 

@@ -5,6 +5,11 @@ applies the mask to weight tiles in registers, so W*M never exists in memory. Th
 as (Co, C/groups*KH*KW) in memory order (ci, kh, kw); `mask_bits` is (Co, ceil(that/32)) int32,
 bit j of word w of row r keeping element (r, 32*w + j).
 
+Stacked models (``stacked_masked_conv2d_*``): S models' convolutions in one launch. Their weights
+and masks are rows of one (S*Co, ...) matrix, so a model's group is one more group of the grid axis
+(S * groups programs along z); x and y get a model stride, and a program's channels are those of its
+group within its model. The single-model launchers are the case S = 1.
+
 GEMM shapes, per group (groups are a grid axis):
   forward    y  : M = Nb*OH*OW,  N = Co/g,           K = C/g*KH*KW
   bwd_input  dx : M = Nb*H*W,    N = C/g,            K = Co/g*KH*KW
@@ -19,7 +24,8 @@ import triton.language as tl
 
 from sparse_engine.kernels.arch import device_arch, smem_limit
 
-__all__ = ["masked_conv2d_fwd", "masked_conv2d_bwd_input", "masked_conv2d_bwd_weight"]
+__all__ = ["masked_conv2d_fwd", "masked_conv2d_bwd_input", "masked_conv2d_bwd_weight", "stacked_masked_conv2d_fwd",
+           "stacked_masked_conv2d_bwd_input", "stacked_masked_conv2d_bwd_weight"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -119,17 +125,22 @@ def _mask_keep(bits_ptr, bits_stride, row, col, ok):
 def _masked_conv2d_fwd_kernel(
     x_ptr, w_ptr, bits_ptr, bias_ptr, y_ptr,
     Nb, H, W, OH, OW, Cg, Cog, M_BUCKET,
-    sxn, sxc, sxh, sxw,
+    sxs, sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
-    syn, syc, syh, syw,
+    sys, syn, syc, syh, syw,
     bits_stride,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2)  # the group among all models' (S * G): its weight rows start at g * Cog
+    model = g // G
+    gm = g % G  # the group within its model: its channels of x and y
+    # The model's x and y, as scalar base pointers: the per-element offsets stay as for one model.
+    x_ptr += model.to(tl.int64) * sxs
+    y_ptr += model.to(tl.int64) * sys
     M = Nb * OH * OW
     K = Cg * KH * KW
 
@@ -143,7 +154,7 @@ def _masked_conv2d_fwd_kernel(
     iw0 = ow * stride_w - pad_w
     # int64 offsets: n * sxn passes 2**31 on large activations, and ci * sxc, ih0 * sxh on large
     # images. The 1-D terms are widened before they multiply; 2-D tiles only add them.
-    x_row = n.to(tl.int64) * sxn + (g * Cg).to(tl.int64) * sxc + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+    x_row = n.to(tl.int64) * sxn + (gm * Cg).to(tl.int64) * sxc + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < Cog
@@ -173,7 +184,7 @@ def _masked_conv2d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_off = (n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
-        + (co.to(tl.int64) * syc)[None, :]
+        + ((gm * Cog + rn).to(tl.int64) * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -184,18 +195,22 @@ def _masked_conv2d_fwd_kernel(
 def _masked_conv2d_bwd_input_kernel(
     dy_ptr, w_ptr, bits_ptr, dx_ptr,
     Nb, H, W, OH, OW, Cg, Cog, M_BUCKET,
-    sdn, sdc, sdh, sdw,
+    sds, sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
-    sxn, sxc, sxh, sxw,
+    sxs, sxn, sxc, sxh, sxw,
     bits_stride,
     pad_h, pad_w, dil_h, dil_w,
     SH: tl.constexpr, SW: tl.constexpr,
-    KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2)  # among all models' groups, as in the forward
+    model = g // G
+    gm = g % G
+    dy_ptr += model.to(tl.int64) * sds  # the model's dy and dx, as in the forward
+    dx_ptr += model.to(tl.int64) * sxs
     M = Nb * H * W
     K = Cog * KH * KW
 
@@ -205,7 +220,7 @@ def _masked_conv2d_bwd_input_kernel(
     p = rm % (H * W)
     ih = p // W
     iw = p % W
-    dy_row = n.to(tl.int64) * sdn + (g * Cog).to(tl.int64) * sdc
+    dy_row = n.to(tl.int64) * sdn + (gm * Cog).to(tl.int64) * sdc
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < Cg
@@ -241,7 +256,7 @@ def _masked_conv2d_bwd_input_kernel(
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
     dx_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
-        + ((g * Cg + ci).to(tl.int64) * sxc)[None, :]
+        + ((gm * Cg + ci).to(tl.int64) * sxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -252,33 +267,37 @@ def _masked_conv2d_bwd_input_kernel(
 def _masked_conv2d_bwd_weight_kernel(
     dy_ptr, x_ptr, bits_ptr, out_ptr,
     Nb, H, W, OH, OW, Cg, Cog, M_BUCKET,
-    sdn, sdc, sdh, sdw,
-    sxn, sxc, sxh, sxw,
+    sds, sdn, sdc, sdh, sdw,
+    sxs, sxn, sxc, sxh, sxw,
     son, sor, soc,
     bits_stride,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     n_split, split_len,
-    KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    G: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2) // n_split
+    g = tl.program_id(2) // n_split  # among all models' groups, as in the forward
     split = tl.program_id(2) % n_split
+    model = g // G
+    gm = g % G
+    dy_ptr += model.to(tl.int64) * sds  # the model's dy and x, as in the forward
+    x_ptr += model.to(tl.int64) * sxs
     R = Nb * OH * OW
     Kc = Cg * KH * KW
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < Cog
     co = g * Cog + rm
-    dy_col = co.to(tl.int64) * sdc
+    dy_col = (gm * Cog + rm).to(tl.int64) * sdc
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < Kc
     ci = rn // (KH * KW)
     kh = (rn % (KH * KW)) // KW
     kw = rn % KW
-    x_col = (g * Cg + ci).to(tl.int64) * sxc + (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
+    x_col = (gm * Cg + ci).to(tl.int64) * sxc + (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
 
     r_start = split * split_len
     r_end = tl.minimum(r_start + split_len, R)
@@ -388,9 +407,11 @@ def _check_channels(x_name, x_shape, weight_shape, groups):
 _MAX_GRID_Z = 65535
 
 
-def _check_groups(groups):
-    if groups > _MAX_GRID_Z:
-        raise ValueError(f"groups: expected at most {_MAX_GRID_Z} (one grid axis of the kernels), got {groups}")
+def _check_groups(groups, models=1):
+    if models * groups > _MAX_GRID_Z:
+        what = "groups" if models == 1 else f"models * groups ({models} * {groups})"
+        raise ValueError(f"groups: expected at most {_MAX_GRID_Z} {what} (one grid axis of the kernels), "
+                         f"got {models * groups}")
 
 
 def _on(device):
@@ -407,6 +428,49 @@ def _empty_like_layout(shape, like):
     fmt = (torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
            else torch.contiguous_format)
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _check_stacked(x_name, x, weight, mask_bits, bias=None):
+    """Ranks, model counts and the stacked mask/bias shapes of a stacked launcher's operands; returns
+    the flat views ``(S*Co, C/groups, KH, KW)``, ``(S*Co, words)``, ``(S*Co,)`` of weight, mask, bias."""
+    _check_tensor(x_name, x, 5)
+    _check_tensor("weight", weight, 5, x, x.dtype)
+    s, co = weight.shape[:2]
+    if x.shape[0] != s:
+        raise ValueError(f"{x_name} must hold {s} models (weight.shape[0]) along dim 0, got shape {tuple(x.shape)}")
+    _check_tensor("mask_bits", mask_bits, 3, x, torch.int32)
+    if mask_bits.shape[0] != s or not mask_bits.is_contiguous():
+        raise ValueError(f"mask_bits must be contiguous with {s} models along dim 0, got shape "
+                         f"{tuple(mask_bits.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 2, x, x.dtype)
+        if tuple(bias.shape) != (s, co):
+            raise ValueError(f"bias must have shape ({s}, {co}), got {tuple(bias.shape)}")
+        bias = bias.reshape(s * co).contiguous()  # the kernel reads bias[row] at unit stride
+    return weight.reshape(s * co, *weight.shape[2:]), mask_bits.view(s * co, mask_bits.shape[2]), bias
+
+
+def _launch_fwd(x, weight, mask_bits, bias, y, groups, stride, padding, dilation, allow_tf32):
+    """x (S, Nb, C, H, W), weight (S*Co, C/groups, KH, KW), mask_bits (S*Co, words), bias (S*Co,) or
+    None, y (S, Nb, Co, OH, OW): checked by the caller."""
+    s, nb, c, h, w = x.shape
+    co, oh, ow = y.shape[2:]
+    if y.numel() == 0:
+        return y
+    _check_groups(groups, s)
+    cg, cog = c // groups, co // groups
+    grid = lambda meta: (triton.cdiv(nb * oh * ow, meta["BLOCK_M"]), triton.cdiv(cog, meta["BLOCK_N"]), s * groups)
+    with _on(x.device):
+        _masked_conv2d_fwd_kernel[grid](
+            x, weight, mask_bits, bias if bias is not None else weight, y,
+            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(nb * oh * ow),
+            *x.stride(), *weight.stride(), *y.stride(),
+            mask_bits.stride(0),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            G=groups, KH=weight.shape[2], KW=weight.shape[3], HAS_BIAS=bias is not None,
+            DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+        )
+    return y
 
 
 def masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, groups, *, allow_tf32=False):
@@ -428,24 +492,53 @@ def masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, gro
             raise ValueError(f"bias must have shape ({co},), got {tuple(bias.shape)}")
         bias = bias.contiguous()  # the kernel reads bias[co] at unit stride
     _check_groups(groups)
-    nb, c, h, w = x.shape
     oh, ow = _out_size(x.shape, weight.shape, stride, padding, dilation)
-    y = _empty_like_layout((nb, co, oh, ow), x)
-    if y.numel() == 0:
-        return y
-    cg, cog = c // groups, co // groups
-    grid = lambda meta: (triton.cdiv(nb * oh * ow, meta["BLOCK_M"]), triton.cdiv(cog, meta["BLOCK_N"]), groups)
-    with _on(x.device):
-        _masked_conv2d_fwd_kernel[grid](
-            x, weight, mask_bits, bias if bias is not None else weight, y,
-            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(nb * oh * ow),
-            *x.stride(), *weight.stride(), *y.stride(),
-            mask_bits.stride(0),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            KH=weight.shape[2], KW=weight.shape[3], HAS_BIAS=bias is not None,
-            DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
-        )
+    y = _empty_like_layout((x.shape[0], co, oh, ow), x)
+    _launch_fwd(x[None], weight, mask_bits, bias, y[None], groups, stride, padding, dilation, allow_tf32)
     return y
+
+
+def stacked_masked_conv2d_fwd(x, weight, mask_bits, bias, stride, padding, dilation, groups, *, allow_tf32=False):
+    """y[s] = conv2d(x[s], weight[s] * mask[s], bias[s], ...) for the S stacked models, one launch.
+
+    x (S, Nb, C, H, W), weight (S, Co, C/groups, KH, KW), mask_bits int32 (S, Co, words) contiguous,
+    bias (S, Co) or None; one float dtype; any strides of x and weight. Returns contiguous y
+    (S, Nb, Co, OH, OW) in x's dtype.
+    """
+    w_rows, bits_rows, bias_rows = _check_stacked("x", x, weight, mask_bits, bias)
+    stride, padding, dilation = _check_common(x, weight.shape[1:], mask_bits[0], stride, padding, dilation, groups)
+    _check_channels("x", x.shape[1:], weight.shape[1:], groups)
+    oh, ow = _out_size(x.shape[1:], weight.shape[1:], stride, padding, dilation)
+    y = torch.empty((x.shape[0], x.shape[1], weight.shape[1], oh, ow), dtype=x.dtype, device=x.device)
+    return _launch_fwd(x, w_rows, bits_rows, bias_rows, y, groups, stride, padding, dilation, allow_tf32)
+
+
+def _launch_bwd_input(dy, weight, mask_bits, dx, groups, stride, padding, dilation, allow_tf32):
+    """dy (S, Nb, Co, OH, OW), weight (S*Co, C/groups, KH, KW), mask_bits (S*Co, words), dx
+    (S, Nb, C, H, W): checked by the caller, except the int32 span of one image of dy."""
+    s, nb, c, h, w = dx.shape
+    co, oh, ow = dy.shape[2:]
+    # The kernel's offsets within one image of dy along (OH, OW) are int32 (see the kernel).
+    span = (oh - 1) * abs(dy.stride(3)) + (ow - 1) * abs(dy.stride(4))
+    if span >= 2**30:
+        raise ValueError(f"dy: one image spans {span} elements along (OH, OW) with strides {tuple(dy.stride())}; "
+                         f"expected fewer than 2**30")
+    if dx.numel() == 0:
+        return dx
+    _check_groups(groups, s)
+    cg, cog = c // groups, co // groups
+    grid = lambda meta: (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), s * groups)
+    with _on(dy.device):
+        _masked_conv2d_bwd_input_kernel[grid](
+            dy, weight, mask_bits, dx,
+            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(nb * h * w),
+            *dy.stride(), *weight.stride(), *dx.stride(),
+            mask_bits.stride(0),
+            padding[0], padding[1], dilation[0], dilation[1],
+            SH=stride[0], SW=stride[1], G=groups, KH=weight.shape[2], KW=weight.shape[3],
+            DOT_PRECISION=_dot_precision(dy.dtype, allow_tf32),
+        )
+    return dx
 
 
 def masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups, *,
@@ -466,27 +559,31 @@ def masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dil
     if tuple(dy.shape) != (nb, co, oh, ow):
         raise ValueError(f"dy must have shape {(nb, co, oh, ow)} for x_shape {x_shape}, got {tuple(dy.shape)}")
     _check_groups(groups)
-    # The kernel's offsets within one image of dy along (OH, OW) are int32 (see the kernel).
-    span = (oh - 1) * abs(dy.stride(2)) + (ow - 1) * abs(dy.stride(3))
-    if span >= 2**30:
-        raise ValueError(f"dy: one image spans {span} elements along (OH, OW) with strides {tuple(dy.stride())}; "
-                         f"expected fewer than 2**30")
     dx = _empty_like_layout(x_shape, dy)
-    if dx.numel() == 0:
-        return dx
-    cg, cog = c // groups, co // groups
-    grid = lambda meta: (triton.cdiv(nb * h * w, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)
-    with _on(dy.device):
-        _masked_conv2d_bwd_input_kernel[grid](
-            dy, weight, mask_bits, dx,
-            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(nb * h * w),
-            *dy.stride(), *weight.stride(), *dx.stride(),
-            mask_bits.stride(0),
-            padding[0], padding[1], dilation[0], dilation[1],
-            SH=stride[0], SW=stride[1], KH=weight.shape[2], KW=weight.shape[3],
-            DOT_PRECISION=_dot_precision(dy.dtype, allow_tf32),
-        )
+    _launch_bwd_input(dy[None], weight, mask_bits, dx[None], groups, stride, padding, dilation, allow_tf32)
     return dx
+
+
+def stacked_masked_conv2d_bwd_input(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups, *,
+                                    allow_tf32=False):
+    """dx[s] = conv2d_input(x_shape[1:], weight[s] * mask[s], dy[s], ...) for the S stacked models, one launch.
+
+    dy (S, Nb, Co, OH, OW) with any strides, weight (S, Co, C/groups, KH, KW), x_shape (S, Nb, C, H, W).
+    Returns contiguous dx of x_shape in dy's dtype.
+    """
+    w_rows, bits_rows, _ = _check_stacked("dy", dy, weight, mask_bits)
+    stride, padding, dilation = _check_common(dy, weight.shape[1:], mask_bits[0], stride, padding, dilation, groups)
+    if (not isinstance(x_shape, (tuple, list, torch.Size)) or len(x_shape) != 5
+            or not all(isinstance(v, int) and v >= 0 for v in x_shape)):
+        raise ValueError(f"x_shape must be 5 non-negative ints, got {x_shape!r}")
+    x_shape = tuple(x_shape)
+    _check_channels("x_shape", x_shape[1:], weight.shape[1:], groups)
+    oh, ow = _out_size(x_shape[1:], weight.shape[1:], stride, padding, dilation)
+    expected = (weight.shape[0], x_shape[1], weight.shape[1], oh, ow)
+    if x_shape[0] != weight.shape[0] or tuple(dy.shape) != expected:
+        raise ValueError(f"dy must have shape {expected} for x_shape {x_shape}, got {tuple(dy.shape)}")
+    dx = torch.empty(x_shape, dtype=dy.dtype, device=dy.device)
+    return _launch_bwd_input(dy, w_rows, bits_rows, dx, groups, stride, padding, dilation, allow_tf32)
 
 
 def _default_split(reduction, tiles, device):
@@ -497,6 +594,48 @@ def _default_split(reduction, tiles, device):
     if tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, tiles), reduction // 512, 64))
+
+
+def _launch_bwd_weight(dy, x, mask_bits, weight_shape, groups, stride, padding, dilation, allow_tf32, split_k):
+    """dy (S, Nb, Co, OH, OW), x (S, Nb, C, H, W), mask_bits (S*Co, words), weight_shape
+    (S*Co, C/groups, KH, KW): checked by the caller. Returns contiguous dw of weight_shape."""
+    s, nb, c, h, w = x.shape
+    rows, cg, kh, kw = weight_shape
+    oh, ow = dy.shape[3:]
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or an int >= 1, got {split_k!r}")
+    cog, cols = rows // (s * groups), cg * kh * kw
+    reduction = nb * oh * ow
+    if reduction == 0 or rows == 0 or cols == 0:
+        return torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    _check_groups(groups, s)
+    if split_k is None:
+        split_k = _default_split(reduction, triton.cdiv(cog, 64) * triton.cdiv(cols, 64) * s * groups, x.device)
+    # models * groups * splits share the grid's z axis (at most 65535 programs).
+    split_k = min(split_k, _MAX_GRID_Z // (s * groups))
+    # Split boundaries on multiples of 128 keep the loads of each split aligned like the unsplit ones.
+    split_len = triton.cdiv(triton.cdiv(reduction, split_k), 128) * 128
+    n_split = triton.cdiv(reduction, split_len)
+    dw = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
+    if n_split == 1:
+        out = dw.view(1, rows, cols)
+    else:
+        out = torch.empty((n_split, rows, cols), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(cog, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]),
+                         s * groups * n_split)
+    with _on(x.device):
+        _masked_conv2d_bwd_weight_kernel[grid](
+            dy, x, mask_bits, out,
+            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(reduction),
+            *dy.stride(), *x.stride(), *out.stride(),
+            mask_bits.stride(0),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            n_split, split_len,
+            G=groups, KH=kh, KW=kw, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+        )
+    if n_split > 1:
+        dw.copy_(out.sum(0).view(weight_shape))
+    return dw
 
 
 def masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups, *,
@@ -513,41 +652,40 @@ def masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, di
     weight_shape = _shape4("weight_shape", weight_shape)
     stride, padding, dilation = _check_common(x, weight_shape, mask_bits, stride, padding, dilation, groups)
     _check_channels("x", x.shape, weight_shape, groups)
-    nb, c, h, w = x.shape
-    co, cg, kh, kw = weight_shape
+    nb = x.shape[0]
     oh, ow = _out_size(x.shape, weight_shape, stride, padding, dilation)
-    if tuple(dy.shape) != (nb, co, oh, ow):
-        raise ValueError(f"dy must have shape {(nb, co, oh, ow)} for x {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"split_k must be None or an int >= 1, got {split_k!r}")
-    cog, cols = co // groups, cg * kh * kw
-    reduction = nb * oh * ow
-    if reduction == 0 or co == 0 or cols == 0:
-        return torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    if tuple(dy.shape) != (nb, weight_shape[0], oh, ow):
+        raise ValueError(f"dy must have shape {(nb, weight_shape[0], oh, ow)} for x {tuple(x.shape)}, "
+                         f"got {tuple(dy.shape)}")
     _check_groups(groups)
-    if split_k is None:
-        split_k = _default_split(reduction, triton.cdiv(cog, 64) * triton.cdiv(cols, 64) * groups, x.device)
-    # groups * splits share the grid's z axis (at most 65535 programs).
-    split_k = min(split_k, _MAX_GRID_Z // groups)
-    # Split boundaries on multiples of 128 keep the loads of each split aligned like the unsplit ones.
-    split_len = triton.cdiv(triton.cdiv(reduction, split_k), 128) * 128
-    n_split = triton.cdiv(reduction, split_len)
-    dw = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
-    if n_split == 1:
-        out = dw.view(1, co, cols)
-    else:
-        out = torch.empty((n_split, co, cols), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(cog, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), groups * n_split)
-    with _on(x.device):
-        _masked_conv2d_bwd_weight_kernel[grid](
-            dy, x, mask_bits, out,
-            nb, h, w, oh, ow, cg, cog, triton.next_power_of_2(reduction),
-            *dy.stride(), *x.stride(), *out.stride(),
-            mask_bits.stride(0),
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            n_split, split_len,
-            KH=kh, KW=kw, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
-        )
-    if n_split > 1:
-        dw.copy_(out.sum(0).view(weight_shape))
-    return dw
+    return _launch_bwd_weight(dy[None], x[None], mask_bits, weight_shape, groups, stride, padding, dilation,
+                              allow_tf32, split_k)
+
+
+def stacked_masked_conv2d_bwd_weight(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups, *,
+                                     allow_tf32=False, split_k=None):
+    """dw[s] = conv2d_weight(x[s], ..., dy[s]) * mask[s] for the S stacked models, one launch.
+
+    dy (S, Nb, Co, OH, OW) and x (S, Nb, C, H, W) with any strides; weight_shape (S, Co, C/groups, KH, KW).
+    Returns contiguous dw of weight_shape, exact zeros where mask_bits prune.
+    """
+    if (not isinstance(weight_shape, (tuple, list, torch.Size)) or len(weight_shape) != 5
+            or not all(isinstance(v, int) and v >= 0 for v in weight_shape)):
+        raise ValueError(f"weight_shape must be 5 non-negative ints, got {weight_shape!r}")
+    weight_shape = tuple(weight_shape)
+    _check_tensor("x", x, 5)
+    _check_tensor("dy", dy, 5, x, x.dtype)
+    s, co = weight_shape[:2]
+    _check_tensor("mask_bits", mask_bits, 3, x, torch.int32)
+    if x.shape[0] != s or mask_bits.shape[0] != s or not mask_bits.is_contiguous():
+        raise ValueError(f"x and mask_bits (contiguous) must hold {s} models (weight_shape[0]) along dim 0, got "
+                         f"shapes {tuple(x.shape)} and {tuple(mask_bits.shape)}")
+    stride, padding, dilation = _check_common(x, weight_shape[1:], mask_bits[0], stride, padding, dilation, groups)
+    _check_channels("x", x.shape[1:], weight_shape[1:], groups)
+    oh, ow = _out_size(x.shape[1:], weight_shape[1:], stride, padding, dilation)
+    if tuple(dy.shape) != (s, x.shape[1], co, oh, ow):
+        raise ValueError(f"dy must have shape {(s, x.shape[1], co, oh, ow)} for x {tuple(x.shape)}, "
+                         f"got {tuple(dy.shape)}")
+    dw = _launch_bwd_weight(dy, x, mask_bits.view(s * co, mask_bits.shape[2]), (s * co,) + weight_shape[2:],
+                            groups, stride, padding, dilation, allow_tf32, split_k)
+    return dw.view(weight_shape)

@@ -56,6 +56,20 @@ def test_forward_backward_match_reference(case, dtype):
     check_against_reference(x, w, mask, b, conv)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_materialized_implementation_matches_reference(case, dtype):
+    """The other implementation dispatch may pick: the grouped vendor conv on masked_weight's W*M
+    (autograd through the masked_weight op): same values, exact-zero pruned dW."""
+    from sparse_engine.ops import dispatch
+    before = dispatch.pinned()
+    dispatch.pin("materialized")
+    try:
+        check_against_reference(*make_case(case, dtype))
+    finally:
+        dispatch.pin(before)
+
+
 def test_gradcheck_fp64():
     x, w, mask, b, conv = make_case(CASES[1])
     bits = pack_stacked_mask(mask)
@@ -109,6 +123,7 @@ def test_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cuda_matches_reference(case, monkeypatch):
+    """The op's CUDA kernels (the Triton stacked launchers; conftest pins the fused implementation)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 products, as the reference
     x, w, mask, b, conv = (t.cuda().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                            for t in make_case(case))

@@ -4,20 +4,27 @@
 convolution** with ``groups = S * groups``: the models' channels are laid side by side
 (``(B, S*C, H, W)``), and each group of the grouped convolution sees only its own model's
 channels and weights, so the result is exactly S separate convolutions, computed by one cuDNN /
-oneDNN call. This is the kernel on every device (CPU and CUDA): ``W*M`` is built as a temporary of
-the weight's size for the call (convolution weights are small next to activations), autograd
-saves only x, W and the packed masks, and the weight gradient is ``conv2d_weight(...) * M``,
-exact zeros at pruned positions. There is no Triton kernel for the stacked convolution yet: the
-single-model implicit-GEMM kernels of ``kernels/masked_conv2d.py`` would need a model axis.
+oneDNN call, on ``W*M`` built as a temporary of the weight's size (convolution weights are small
+next to activations). On CUDA the op runs the implicit-GEMM Triton kernels of
+``kernels/masked_conv2d.py`` with a model axis instead (the models' groups are one grid axis; W*M
+never in memory). Autograd saves only x, W and the packed masks; the weight gradient is
+``conv2d_weight(...) * M``, exact zeros at pruned positions.
+
+Like the single-model ops, the call dispatches by measurement (``sparse_engine.ops.dispatch``)
+between the op (``"fused"``) and the grouped vendor convolution on ``W*M`` built by the
+``masked_weight`` op (``"materialized"``, cuDNN on CUDA); on CPU both are the same grouped call.
 """
 from typing import Optional
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_engine.ops import dispatch
 from sparse_engine.ops.autocast import autocast_inputs
-from sparse_engine.ops.masked_conv2d import (_is_int, _out_size, check_conv_geometry, conv_backward,
+from sparse_engine.ops.masked_conv2d import (_is_int, _out_size, _use_tf32, check_conv_geometry, conv_backward,
                                               conv_setup_context)
 from sparse_engine.ops.stacked_mask import apply_stacked_mask, unpack_stacked_mask_ref
 from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
@@ -49,8 +56,23 @@ def stacked_masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Op
         raise ValueError(f"x: expected shape ({s}, B, {weight.shape[2] * groups}, H, W), got {tuple(x.shape)}")
     check_stacked_bias(bias, (s, co), x.dtype, x.device)
     stride, padding, dilation = check_conv_geometry(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    return torch.ops.sparse_engine.stacked_masked_conv2d(x, weight, mask_bits, bias, stride, padding, dilation,
-                                                         groups)
+    conv = (stride, padding, dilation, groups)
+    run = functools.partial(_run_implementation, conv=conv)
+    impl = dispatch.choose("stacked_masked_conv2d", run, (x, weight, mask_bits, bias), extra=conv)
+    return run(impl, (x, weight, mask_bits, bias))
+
+
+def _run_implementation(impl: str, tensors: tuple, conv: tuple) -> Tensor:
+    x, weight, mask_bits, bias = tensors
+    if impl == "materialized":
+        s = weight.shape[0]
+        stride, padding, dilation, groups = conv
+        flat = torch.ops.sparse_engine.masked_weight(weight.reshape(-1, *weight.shape[2:]),
+                                                     mask_bits.reshape(-1, mask_bits.shape[2]))
+        y = F.conv2d(_side_by_side(x), flat, None if bias is None else bias.reshape(-1), stride, padding, dilation,
+                     groups * s)
+        return _stacked(y, s)
+    return torch.ops.sparse_engine.stacked_masked_conv2d(x, weight, mask_bits, bias, *conv)
 
 
 def stacked_masked_conv2d_ref(x, weight, mask_bits, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -78,13 +100,20 @@ def _flat_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
 
 # ---- forward -------------------------------------------------------------------------------------
 
-@torch.library.custom_op("sparse_engine::stacked_masked_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
+@torch.library.custom_op("sparse_engine::stacked_masked_conv2d", mutates_args=(), device_types="cpu")
 def _stacked_masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor], stride: list[int],
                            padding: list[int], dilation: list[int], groups: int) -> Tensor:
     s = weight.shape[0]
     y = F.conv2d(_side_by_side(x), _flat_weight(weight, mask_bits), None if bias is None else bias.reshape(-1),
                  stride, padding, dilation, groups * s)
     return _stacked(y, s)
+
+
+@_stacked_masked_conv2d.register_kernel("cuda")
+def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
+    from sparse_engine.kernels.masked_conv2d import stacked_masked_conv2d_fwd
+    return stacked_masked_conv2d_fwd(x, weight, mask_bits.contiguous(), bias, stride, padding, dilation, groups,
+                                     allow_tf32=_use_tf32())
 
 
 @_stacked_masked_conv2d.register_fake
@@ -96,14 +125,20 @@ def _(x, weight, mask_bits, bias, stride, padding, dilation, groups):
 
 # ---- backward: dX --------------------------------------------------------------------------------
 
-@torch.library.custom_op("sparse_engine::stacked_masked_conv2d_grad_input", mutates_args=(),
-                         device_types=("cpu", "cuda"))
+@torch.library.custom_op("sparse_engine::stacked_masked_conv2d_grad_input", mutates_args=(), device_types="cpu")
 def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor, x_shape: list[int], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int) -> Tensor:
     s, b, c, h, w = x_shape
     dx = torch.nn.grad.conv2d_input([b, s * c, h, w], _flat_weight(weight, mask_bits), _side_by_side(dy),
                                     stride, padding, dilation, groups * s)
     return _stacked(dx, s)
+
+
+@_grad_input.register_kernel("cuda")
+def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
+    from sparse_engine.kernels.masked_conv2d import stacked_masked_conv2d_bwd_input
+    return stacked_masked_conv2d_bwd_input(dy, weight, mask_bits.contiguous(), x_shape, stride, padding, dilation,
+                                           groups, allow_tf32=_use_tf32())
 
 
 @_grad_input.register_fake
@@ -113,14 +148,20 @@ def _(dy, weight, mask_bits, x_shape, stride, padding, dilation, groups):
 
 # ---- backward: dW = conv2d_weight(x, dY) * M -----------------------------------------------------
 
-@torch.library.custom_op("sparse_engine::stacked_masked_conv2d_grad_weight", mutates_args=(),
-                         device_types=("cpu", "cuda"))
+@torch.library.custom_op("sparse_engine::stacked_masked_conv2d_grad_weight", mutates_args=(), device_types="cpu")
 def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[int], stride: list[int],
                  padding: list[int], dilation: list[int], groups: int) -> Tensor:
     s = weight_shape[0]
     dw = torch.nn.grad.conv2d_weight(_side_by_side(x), [s * weight_shape[1]] + weight_shape[2:], _side_by_side(dy),
                                      stride, padding, dilation, groups * s).reshape(weight_shape)
     return apply_stacked_mask(dw, mask_bits)
+
+
+@_grad_weight.register_kernel("cuda")
+def _(dy, x, mask_bits, weight_shape, stride, padding, dilation, groups):
+    from sparse_engine.kernels.masked_conv2d import stacked_masked_conv2d_bwd_weight
+    return stacked_masked_conv2d_bwd_weight(dy, x, mask_bits.contiguous(), weight_shape, stride, padding, dilation,
+                                            groups, allow_tf32=_use_tf32())
 
 
 @_grad_weight.register_fake

@@ -4,7 +4,8 @@
 models' module tree by a stacked layer holding all K models' tensors with a leading model axis
 (``weight (K, *shape)``, ``mask_bits (K, rows, words)``, BatchNorm's ``running_mean (K, C)``) and
 computing all K models in one call: the stacked masked ops (``stacked_masked_linear``: one
-batched GEMM or one Triton launch over K; ``stacked_masked_conv2d``: one grouped convolution),
+batched GEMM or one Triton launch over K; ``stacked_masked_conv2d``: one grouped convolution on CPU, one
+Triton launch over K on CUDA),
 BatchNorm as one ``F.batch_norm`` over the K models' channels side by side. We chose this over
 ``torch.func.stack_module_state`` + ``vmap`` because:
 
