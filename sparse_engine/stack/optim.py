@@ -116,7 +116,7 @@ class StackedSGD(_StackedOptimizer):
             else:
                 buf.mul_(g["momentum"]).add_(d_p, alpha=1 - g["dampening"])
             d_p = d_p.add(buf, alpha=g["momentum"]) if g["nesterov"] else buf
-        p.sub_(self._view(g["lr"], p) * d_p)
+        p.addcmul_(self._view(g["lr"], p), d_p, value=-1)  # one pass, no lr * d_p temporary
 
 
 class StackedAdamW(_StackedOptimizer):
