@@ -19,15 +19,20 @@ With ``--beyond-accuracy`` every trial also measures ``sparse_engine.eval``'s me
 metric ``beyond_accuracy``): agreement with and distance to the dense parent, calibration, worst-class
 accuracy, accuracy under noise and corruptions, stored beside accuracy in the sweep and in ``results.json``.
 
+The pruning trials of each model train ``--stack K`` at a time as one stacked model
+(``sparse_engine.stack``; ``--stack 1``: one at a time); ``--compare-stacking`` runs the sweep a second
+time without stacking (in ``OUT/unstacked``) and reports both wall times.
+
 It prints a table of accuracy and time, and writes ``results.json`` and ``sparsity_accuracy.png``
 into ``--out``, which is also the sweep's directory: an interrupted demo resumes where it stopped,
 and a repeated one reuses its finished trials. Nothing is downloaded: the data comes from Debian's
 ``dataset-fashion-mnist`` (``make demo`` installs it where apt is available) or from ``--data-dir``.
 
-    python -m sparse_engine.demo [--data-dir DIR] [--device cuda] [--full] [--models mlp cnn]
+    python -m sparse_engine.demo [--data-dir DIR] [--device cuda] [--full] [--models mlp cnn] [--stack K]
 """
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +47,7 @@ BUDGETS = {  # (training images, dense epochs, retraining epochs)
     "full": (60_000, 15, 9),
 }
 BATCH = 128
+STACK = 8  # pruning trials per stacked model (the demo has 24 per model)
 
 
 def overrides(args, budget) -> dict:
@@ -73,6 +79,17 @@ def rows_of(records: list, every_metric: bool = False) -> list[dict]:
     return rows
 
 
+def run_sweep(sweep: Sweep, args, stack: int, out) -> float:
+    """Run ``sweep`` (stacking ``stack`` trials); returns its wall time in seconds."""
+    started = time.perf_counter()
+    # The demo's directory is its own: a changed command line takes it over, keeping what still fits.
+    status = sweep.run(workers=args.workers, threads=args.threads, stack=stack, force_new=True)
+    if status["failed"]:
+        raise SystemExit(f"error: {status['failed']} trial(s) failed; see `python -m sparse_engine.sweep report "
+                         f"{out} --failures`")
+    return time.perf_counter() - started
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files "
@@ -92,6 +109,10 @@ def main(argv=None) -> list[dict]:
                    "threads)")
     p.add_argument("--beyond-accuracy", action="store_true", help="also measure agreement with the dense parent, "
                    "calibration and accuracy under noise and corruptions (sparse_engine.eval), kept in results.json")
+    p.add_argument("--stack", type=int, default=STACK, help=f"pruning trials trained as one stacked model "
+                   f"(default {STACK}; 1: one at a time)")
+    p.add_argument("--compare-stacking", action="store_true", help="also run the sweep without stacking (in "
+                   "OUT/unstacked) and report both wall times")
     p.add_argument("--sweep", type=Path, default=SWEEP_FILE, help="the sweep file (default: examples/demo.toml)")
     p.add_argument("--out", default="runs/demo", help="the sweep directory, with results.json and "
                    "sparsity_accuracy.png")
@@ -102,6 +123,8 @@ def main(argv=None) -> list[dict]:
         p.error(f"--train-size must be >= {BATCH}, --epochs and --retrain-epochs >= 1")
     if not all(0.0 < s < 1.0 for s in args.sparsities):
         p.error(f"--sparsities must lie in (0, 1), got {args.sparsities}")
+    if args.stack < 1:
+        p.error(f"--stack must be >= 1, got {args.stack}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     from sparse_engine.data.fashion_mnist import resolve_data_dir
@@ -113,20 +136,22 @@ def main(argv=None) -> list[dict]:
         sweep = Sweep.from_file(args.sweep, overrides(args, budget), args.out)
     except SweepFileError as e:
         raise SystemExit(f"error: {e}")
-    # The demo's directory is its own: a changed command line takes it over, keeping what still fits.
-    status = sweep.run(workers=args.workers, threads=args.threads, force_new=True)
-    if status["failed"]:
-        raise SystemExit(f"error: {status['failed']} trial(s) failed; see `python -m sparse_engine.sweep report "
-                         f"{args.out} --failures`")
+    walls = {f"stack {args.stack}": run_sweep(sweep, args, args.stack, args.out)}
+    if args.compare_stacking and args.stack > 1:
+        unstacked = Sweep.from_file(args.sweep, overrides(args, budget), Path(args.out) / "unstacked")
+        walls["stack 1"] = run_sweep(unstacked, args, 1, Path(args.out) / "unstacked")
     records = sweep.results()
     rows = rows_of(records, args.beyond_accuracy)
 
     print(f"\nFashion-MNIST ({budget[0]} training images, 10000 test), device {args.device}: dense {budget[1]} epochs, "
           f"then {budget[2]} retraining epochs for every method")
     print(report_table(records, "test_accuracy", label="acc"))
+    print("\nwall time of the sweep (trials finished in an earlier run are not run again): "
+          + ", ".join(f"{k}: {v:.1f} s" for k, v in walls.items()))
     out = Path(args.out)
     meta = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, train_size=budget[0],
-                epochs=budget[1], retrain_epochs=budget[2], torch=torch.__version__, sweep=str(args.sweep))
+                epochs=budget[1], retrain_epochs=budget[2], torch=torch.__version__, sweep=str(args.sweep),
+                wall_s=walls)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     plot_sweep(records, out / "sparsity_accuracy.png", title=lambda model: f"Fashion-MNIST, {model.upper()}")
     print(f"\nresults: {out / 'results.json'}, plot: {out / 'sparsity_accuracy.png'}, sweep: {out} "

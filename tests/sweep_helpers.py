@@ -13,7 +13,8 @@ import torch
 
 from sparse_engine.pruning import GMP
 from sparse_engine.sweep import Sweep
-from sparse_engine.sweep.methods import METHODS
+from sparse_engine.sweep.fields import Field, integer, real
+from sparse_engine.sweep.methods import METHODS, Method
 from sparse_engine.sweep.runner import build_trial
 from sparse_engine.sweep.store import save_torch
 
@@ -257,3 +258,40 @@ def blobs(n_train=256, n_test=64, features=6, classes=3, seed=0):
 def user_mlp(features=6, hidden=16, classes=3):
     """A user model builder."""
     return torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+
+
+def _gmp_defaults() -> dict:
+    return {k: f.default for k, f in METHODS["gmp"].options.items()}
+
+
+# The same slow GMP, declared stackable: its trials train K at a time with `--stack K`.
+stackable_slow_gmp = Method(lambda ctx, delay=0.03: slow_gmp(ctx, delay), {"delay": Field(real(0), 0.03)},
+                            stackable=lambda options: True)
+
+
+class NaNAt:
+    """GMP whose model's weights turn NaN after optimizer step ``at`` (a diverging run)."""
+
+    def __init__(self, ctx, at: int):
+        self.inner, self.model, self.at, self.steps = METHODS["gmp"].build(ctx, **_gmp_defaults()), ctx.model, at, 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.at:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return self.inner.step()
+
+    def on_epoch_end(self):
+        return self.inner.on_epoch_end()
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state["inner"])
+        self.steps = state["steps"]
+
+
+# GMP that diverges at step `at` (0: never), stackable.
+nan_gmp = Method(lambda ctx, at=0: NaNAt(ctx, at), {"at": Field(integer(0), 0)}, stackable=lambda options: True)

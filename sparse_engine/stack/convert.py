@@ -79,6 +79,20 @@ def _tensors(model: nn.Module) -> dict:
     return out
 
 
+def check_stackable(model: nn.Module, argument: str = "model") -> None:
+    """Raise the error ``stack`` gives for ``model``'s architecture: a TypeError naming the first layer with
+    Parameters or buffers that has no stacked version, a ValueError for BatchNorm with ``momentum=None``."""
+    for name, module in model.named_modules():
+        if stacked_type(module) is not None:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats \
+                    and module.momentum is None:
+                raise ValueError(f"{argument}: layer {name!r}: stacking BatchNorm with momentum=None (cumulative "
+                                 "averages) is not supported; use a float momentum")
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            raise TypeError(f"{argument}: layer {name or '(the model)'!r} of type {type(module).__name__} has no "
+                            f"stacked version (supported layers with parameters: {_SUPPORTED})")
+
+
 def stack(models: Sequence[nn.Module]) -> StackedModel:
     """One :class:`StackedModel` that trains ``models`` (K models of one architecture) at once.
 
@@ -89,14 +103,12 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     that has no stacked version is an error naming it.
     """
     models = _check_models(models)
+    check_stackable(models[0], "models")
     memo = {}
     for name, module in models[0].named_modules():
         cls = stacked_type(module)
         if cls is not None:
             memo[id(module)] = cls.from_modules([m.get_submodule(name) for m in models])
-        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-            raise TypeError(f"models: layer {name or '(the model)'!r} of type {type(module).__name__} has no stacked "
-                            f"version (supported layers with parameters: {_SUPPORTED})")
         elif not module._modules:
             memo[id(module)] = PerSample(copy.deepcopy(module))
     with torch.no_grad():

@@ -60,6 +60,20 @@ class StackedLayer(nn.Module):
                 getattr(layer, name).copy_(t[i])
         return layer
 
+    @torch.no_grad()
+    def load_slice_(self, i: int, module: nn.Module) -> None:
+        """Write ``module`` (an ordinary layer of model ``i``'s architecture, as ``unstacked(i)`` gives) into
+        model ``i``'s slices: the inverse of ``unstacked``."""
+        if not 0 <= i < self.num_models:
+            raise IndexError(f"i: expected a model index in [0, {self.num_models}), got {i}")
+        for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
+            if name != "mask_bits":
+                src = getattr(module, name, None)
+                if not isinstance(src, Tensor) or src.shape != t.shape[1:]:
+                    raise ValueError(f"module: expected {name!r} of shape {tuple(t.shape[1:])}, got "
+                                     f"{getattr(src, 'shape', type(src).__name__)}")
+                t[i].copy_(src)
+
 
 class StackedMaskedLayer(StackedLayer):
     """A stacked layer whose ``weight`` carries one bit-packed mask per model (the buffer ``mask_bits``)."""
@@ -103,6 +117,14 @@ class StackedMaskedLayer(StackedLayer):
             convert_module(layer, self.backend)
         layer.set_mask(self.mask[i])
         return layer
+
+    @torch.no_grad()
+    def load_slice_(self, i: int, module: nn.Module) -> None:
+        super().load_slice_(i, module)
+        mask = module.mask if isinstance(module, MaskedModule) else torch.ones_like(module.weight, dtype=torch.bool)
+        self.mask_bits[i].copy_(pack_stacked_mask(mask[None].to(self.weight.device))[0])
+        self.weight[i].masked_fill_(~mask.to(self.weight.device), 0)
+        self.mask_version += 1
 
 
 class StackedLinear(StackedMaskedLayer):

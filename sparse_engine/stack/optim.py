@@ -152,8 +152,10 @@ class PerModelLR:
 
     ``schedulers[k]`` is a function ``optimizer -> LRScheduler``; it is called with a stand-in
     optimizer holding model k's learning rates (one param group per group of ``optimizer``), so
-    any scheduler works unchanged. ``step()`` steps all K and writes their learning rates into
-    ``optimizer``'s per-model ``lr`` tensors. ``state_dict``/``load_state_dict`` resume exactly.
+    any scheduler works unchanged; or None: model k's learning rates are left as they are (a
+    constant LR, or one its pruner sets). ``step()`` steps the schedulers and writes their learning
+    rates into ``optimizer``'s per-model ``lr`` tensors. ``state_dict``/``load_state_dict`` resume
+    exactly; ``load_model_state(k, ...)`` sets one model's.
     """
 
     def __init__(self, optimizer: _StackedOptimizer, schedulers: Sequence[Callable[[Optimizer], object]]):
@@ -165,28 +167,43 @@ class PerModelLR:
         self.optimizer = optimizer
         self.stand_ins = [torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": float(g["lr"][k])}
                                            for g in optimizer.param_groups]) for k in range(optimizer.num_models)]
-        self.schedulers = [make(o) for make, o in zip(schedulers, self.stand_ins)]
+        self.schedulers = [None if make is None else make(o) for make, o in zip(schedulers, self.stand_ins)]
         self._sync()
 
     def _sync(self) -> None:
         for i, g in enumerate(self.optimizer.param_groups):
-            g["lr"] = torch.tensor([o.param_groups[i]["lr"] for o in self.stand_ins], dtype=torch.float64)
+            lr = g["lr"].clone()
+            for k, (o, s) in enumerate(zip(self.stand_ins, self.schedulers)):
+                if s is not None:
+                    lr[k] = o.param_groups[i]["lr"]
+            g["lr"] = lr
+
+    def load_model_state(self, k: int, state: Optional[dict], lrs: Sequence[float]) -> None:
+        """Model ``k``'s scheduler state (its ``state_dict()``, None without a scheduler) and its learning
+        rates, one per param group, as a checkpoint of that model alone holds them."""
+        if self.schedulers[k] is not None:
+            self.schedulers[k].load_state_dict(state)
+        for i, (g, lr) in enumerate(zip(self.stand_ins[k].param_groups, lrs)):
+            g["lr"] = lr
+            self.optimizer.param_groups[i]["lr"][k] = lr
 
     def step(self) -> None:
         with warnings.catch_warnings():
             # the stand-ins never step themselves, which torch's schedulers would warn about
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
             for s in self.schedulers:
-                s.step()
+                if s is not None:
+                    s.step()
         self._sync()
 
     def state_dict(self) -> dict:
-        return {"schedulers": [s.state_dict() for s in self.schedulers],
+        return {"schedulers": [None if s is None else s.state_dict() for s in self.schedulers],
                 "lrs": [[g["lr"] for g in o.param_groups] for o in self.stand_ins]}
 
     def load_state_dict(self, state: dict) -> None:
         for s, st in zip(self.schedulers, state["schedulers"]):
-            s.load_state_dict(st)
+            if s is not None:
+                s.load_state_dict(st)
         for o, lrs in zip(self.stand_ins, state["lrs"]):
             for g, lr in zip(o.param_groups, lrs):
                 g["lr"] = lr

@@ -113,9 +113,13 @@ class _BatchedSelect:
             self.calls += 1
             for k, start, count in spans:
                 self.results[k] = masks[start:start + count]
-        except BaseException as e:  # every waiting model gets the error (e.g. NaN scores of one model)
-            for k, _, _ in spans:
-                self.results[k] = e
+        except Exception:  # e.g. NaN scores of one model: each model selects alone and gets its own result or error
+            for k, (s, kk, g, n) in batch:
+                try:
+                    self.results[k] = _ORIGINAL_SELECT(s, kk, g, n)
+                    self.calls += 1
+                except Exception as e:  # noqa: BLE001 - handed to the model's thread, which raises it
+                    self.results[k] = e
         self.cv.notify_all()
 
 
@@ -142,11 +146,16 @@ class StackedPruners:
             ``lambda m, o: GMP(m, o, 0.9, start_step=0, end_step=100, frequency=10)``; it is called with
             the model's view (``model_views``) and its stand-in optimizer.
 
+        isolate_failures: False (default): an error of any model's pruner is raised (naming the model).
+            True: the model's pruner is stopped, its error kept in ``failed[k]``, and the other models go on
+            (the sweep runner marks that trial failed); ``stop(k)`` stops a model's pruner by hand.
+
     Call ``step()`` after ``optimizer.step()`` and ``on_epoch_end()`` after each epoch, as for one
     pruner. ``select_calls`` counts the ``topk_mask`` calls made (one per batched selection).
     """
 
-    def __init__(self, stacked: StackedModel, optimizer: Optimizer, methods: Sequence[Callable]):
+    def __init__(self, stacked: StackedModel, optimizer: Optimizer, methods: Sequence[Callable],
+                 isolate_failures: bool = False):
         if not isinstance(stacked, StackedModel):
             raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
         if not isinstance(optimizer, Optimizer):
@@ -165,6 +174,9 @@ class StackedPruners:
             self.stand_ins.append(torch.optim.SGD(groups, lr=0.0))
         self._lrs_to_stand_ins()
         self.select_calls = 0
+        self.isolate_failures = isolate_failures
+        self.active = set(range(stacked.num_models))
+        self.failed: dict[int, BaseException] = {}
         self.pruners = self._run_all(lambda k: methods[k](self.views[k], self.stand_ins[k]))
 
     # -- the training loop hooks --------------------------------------------------------------
@@ -175,6 +187,10 @@ class StackedPruners:
 
     def on_epoch_end(self) -> list[bool]:
         return self._run_all(lambda k: self.pruners[k].on_epoch_end())
+
+    def stop(self, k: int) -> None:
+        """Stop model ``k``'s pruner: its calls are skipped from now on (a failed model of a sweep)."""
+        self.active.discard(k)
 
     def state_dict(self) -> dict:
         return {"pruners": [p.state_dict() for p in self.pruners]}
@@ -228,13 +244,14 @@ class StackedPruners:
 
     def _run_all(self, call: Callable[[int], object]) -> list:
         k_models = self.stacked.num_models
+        running = sorted(self.active)
         self._lrs_to_stand_ins()
         self._sync_grads()
         sentinel = torch.zeros(())
         for o in self.stand_ins:
             o.state[sentinel] = {}
         before = self._versions()
-        batch = _BatchedSelect(k_models)
+        batch = _BatchedSelect(len(running))
         results, errors = [None] * k_models, [None] * k_models
 
         def work(k):
@@ -252,8 +269,7 @@ class StackedPruners:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
             _prune_module.select = _dispatching_select
             try:
-                threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}")
-                           for k in range(k_models)]
+                threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}") for k in running]
                 for t in threads:
                     t.start()
                 for t in threads:
@@ -270,7 +286,11 @@ class StackedPruners:
             for _, layer in self.stacked.masked_layers():
                 layer.mask_version += 1
         for k, e in enumerate(errors):
-            if e is not None:
+            if e is None:
+                continue
+            if not self.isolate_failures:
                 raise RuntimeError(f"model {k}: its pruner raised {type(e).__name__}: {e}") from e
+            self.failed[k] = e
+            self.stop(k)
         return results
 

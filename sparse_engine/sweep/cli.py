@@ -1,6 +1,6 @@
 """``python -m sparse_engine.sweep`` and the ``sparse-engine`` console script.
 
-    sparse-engine run FILE [--dir DIR] [--set KEY=VALUE ...] [--workers N] [--executor ray ...]
+    sparse-engine run FILE [--dir DIR] [--set KEY=VALUE ...] [--workers N] [--stack K] [--executor ray ...]
     sparse-engine status DIR
     sparse-engine report DIR [--metric test_accuracy] [--format markdown|csv] [--out FILE]
     sparse-engine plot DIR [--out FILE.png|.svg] [--log-density]
@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="concurrent trials (default: 1 on CPU, one per GPU; 0: in this process, no pool)")
     run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores split)")
     run.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 1)")
+    run.add_argument("--stack", type=int, metavar="K", help="train up to K prune trials of one architecture, data and "
+                     "budget as one stacked model (default 1: one at a time)")
     run.add_argument("--address", help="ray: cluster address (default: start a local Ray instance)")
     run.add_argument("--gpus-per-trial", type=float, help="ray: GPUs per trial (fractions allowed)")
     run.add_argument("--ray-num-cpus", type=int, help="ray: CPUs of the local Ray instance")
@@ -70,7 +72,7 @@ def _run(args) -> int:
         return 0
     status = sweep.run(args.executor, workers=args.workers, threads=args.threads, address=args.address,
                        gpus_per_trial=args.gpus_per_trial, ray_num_cpus=args.ray_num_cpus,
-                       checkpoint_every=args.checkpoint_every, retry_failed=args.retry_failed,
+                       checkpoint_every=args.checkpoint_every, stack=args.stack, retry_failed=args.retry_failed,
                        force_new=args.force_new, progress=False if args.quiet else None)
     print(format_status(status))
     if status["failed"]:

@@ -94,18 +94,23 @@ class Sweep:
 
     def run(self, executor: Optional[str] = None, *, workers: Optional[int] = None, threads: Optional[int] = None,
             address: Optional[str] = None, gpus_per_trial: Optional[float] = None,
-            ray_num_cpus: Optional[int] = None, checkpoint_every: Optional[int] = None, retry_failed: bool = False,
-            force_new: bool = False, progress: Optional[bool] = None) -> dict:
+            ray_num_cpus: Optional[int] = None, checkpoint_every: Optional[int] = None, stack: Optional[int] = None,
+            retry_failed: bool = False, force_new: bool = False, progress: Optional[bool] = None) -> dict:
         """Run every trial not yet finished; returns the status (counts by state).
 
         Arguments left None take the sweep file's ``[run]`` values, then the defaults (the local
         executor; one worker on CPU, one per GPU on CUDA; the cores split between workers).
+        ``stack``: up to this many ready prune trials that can share a stacked model
+        (``TrialSpec.group_key``) are trained as one (``sweep/stacked.py``); 1: one at a time.
         ``progress``: None shows the bar on a terminal only.
         """
         run = dict(self.plan.run)
         given = dict(executor=executor, workers=workers, threads=threads, address=address,
-                     gpus_per_trial=gpus_per_trial, ray_num_cpus=ray_num_cpus, checkpoint_every=checkpoint_every)
+                     gpus_per_trial=gpus_per_trial, ray_num_cpus=ray_num_cpus, checkpoint_every=checkpoint_every,
+                     stack=stack)
         run.update({k: v for k, v in given.items() if v is not None})
+        if isinstance(run["stack"], bool) or not isinstance(run["stack"], int) or run["stack"] < 1:
+            raise ValueError(f"stack: expected an integer >= 1 (trials per stacked model), got {run['stack']!r}")
         device = self.plan.trials[0].config["device"]
         pool = make_executor(run["executor"], device=device, workers=run["workers"], threads=run["threads"],
                              address=run["address"], gpus_per_trial=run["gpus_per_trial"],
@@ -142,7 +147,7 @@ class Sweep:
         store_failure = None
         pool.start(env)
         try:
-            journal.append({"event": "run", "settings": pool.settings, "todo": len(todo), "pid": os.getpid()})
+            journal.append({"event": "run", "settings": {**pool.settings, "stack": run["stack"]}, "todo": len(todo), "pid": os.getpid()})
             waiting, in_flight, busy_until = list(todo), set(), {}
             while waiting or in_flight:
                 # One query per round (not one per waiting trial: sweeps have hundreds).
@@ -160,7 +165,7 @@ class Sweep:
                     journal.append({"event": "failed", "trial": t.id, "error": f"its parent {t.parent} failed",
                                     "traceback": None})
                     waiting.remove(t)
-                for unit in pack_units(ready, pool.slots - len(pool.running())):
+                for unit in pack_units(ready, pool.slots - len(pool.running()), run["stack"]):
                     pool.submit(unit)
                     for t in unit:
                         waiting.remove(t)

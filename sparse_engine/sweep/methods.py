@@ -88,6 +88,10 @@ class Method:
     ``MethodContext.parent_snapshots`` (the plan makes the parent save them); None: it reads none.
     ``late_options``: options added after sweeps were recorded with the method; at their default they
     are left out of the resolved config (the builder's own default applies), so those trials keep their ids.
+    ``stackable(options)``: whether trials of the method with these options may be trained K at a time in
+    one stacked model (``sweep/stacked.py``) with the same results as alone; None: never. A method
+    qualifies when its pruner runs unchanged on a stacked model's per-model view (``stack.pruning``) and
+    draws nothing from torch's global RNG after construction (the K pruners run in threads that share it).
     """
     build: Callable[..., Any]
     options: Mapping[str, Field] = field(default_factory=dict)
@@ -96,6 +100,7 @@ class Method:
     doc: str = ""
     parent_steps: Optional[Callable[[dict], dict]] = None
     late_options: tuple = ()
+    stackable: Optional[Callable[[dict], bool]] = None
 
 
 def _scored_inputs(score: str, ctx: MethodContext) -> dict:
@@ -213,22 +218,33 @@ DST = {"delta_t": Field(integer(1), 100, "optimizer steps between drop-and-grow 
        "stop": Field(real(0, 1, low_open=True), 0.75, "updates stop at this fraction of the budget"),
        "allocation": Field(choice(*ALLOCATIONS), "erk", "layer-wise allocation of the initial random masks")}
 
+def _not_random(options: dict) -> bool:
+    """Stackable unless the score is random (drawn from the global RNG at each prune)."""
+    return options.get("score") != "random"
+
+
+def _always(options: dict) -> bool:
+    return True
+
+
 METHODS: dict = {
     "one_shot": Method(_one_shot, {"score": SCORE, "allocation": ALLOCATION, "granularity": GRANULARITY,
                                    "at": Field(real(0, 1, high_open=True), 0.0, "prune step, fraction of budget")},
-                       doc="prune once (at the start by default), then retrain (OneShot)"),
+                       stackable=_not_random, doc="prune once (at the start by default), then retrain (OneShot)"),
     "imp": Method(_imp, {"phases": Field(integer(1), 3, "prune-retrain phases (at most one per epoch)"),
                          "score": SCORE, "allocation": ALLOCATION}, owns_lr=True,
+                  stackable=_not_random,
                   doc="iterative magnitude pruning over the budget, LR schedule restarted per phase (IMP)"),
     "gmp": Method(_gmp, {**GRADUAL, "recover": Field(boolean, False, "regrow by the dense gradient")},
-                  doc="cubic gradual magnitude pruning (GMP)"),
+                  stackable=_always, doc="cubic gradual magnitude pruning (GMP)"),
     "fggp": Method(_fggp, {**GRADUAL, "rate": Field(real(1), 2.0, "candidates per pruned weight")},
-                   doc="cubic targets, gradient-first magnitude-next rule (FGGP)"),
+                   stackable=_always, doc="cubic targets, gradient-first magnitude-next rule (FGGP)"),
     "cyclical": Method(_cyclical, {"cycles": Field(integer(1), 3, "cycles (at most one per 4 steps)"),
                                    "prunes_per_epoch": Field(integer(1), 4, "prunes per epoch within a cycle"),
                                    "ramp": Field(choice("cubic", "linear", "constant", "step"), "cubic"),
                                    "initial": Field(real(0, 1, high_open=True), 0.0, "sparsity at cycle starts"),
                                    "allocation": ALLOCATION},
+                       stackable=_always,
                        doc="cubic ramps repeated over cycles, masks re-selected at each cycle start (Cyclical)"),
     "pai": Method(_pai, {"score": Field(choice(*PAI_SCORES), "snip", "the score at initialisation"),
                          "allocation": ALLOCATION,

@@ -80,11 +80,20 @@ class TrialSpec:
         return self.config["pretrain"]["epochs"] if self.kind == "pretrain" else self.config["train"]["epochs"]
 
     def group_key(self) -> str:
-        """Trials with equal keys share architecture, data, batch size, step count and device: the
-        unit that model stacking can train as one batched model."""
-        stage = self.config["pretrain" if self.kind == "pretrain" else "train"]
+        """Trials with equal keys can be trained as one stacked model (``sweep/stacked.py``): prune
+        trials that share architecture, data, batch size, step count and device, with optimizers that
+        differ at most in learning rate and weight decay (the stacked optimizers' per-model
+        hyperparameters), of a method that can run in a stack (``Method.stackable``). Any other
+        trial's key is its own (it runs alone)."""
+        if self.kind != "prune":
+            return self.id
+        method = lookup_method(self.config["method"]["name"])
+        if method.stackable is None or not method.stackable(self.config["method"]["options"]):
+            return self.id
+        stage = self.config["train"]
+        shared = {k: v for k, v in stage["optimizer"].items() if k not in ("lr", "weight_decay")}
         return canonical_json([self.kind, self.config["model"], self.config["data"], stage["batch_size"],
-                               stage["epochs"], self.config["device"]])
+                               stage["epochs"], self.config["device"], shared])
 
     def describe(self) -> str:
         if self.kind == "pretrain":

@@ -1,9 +1,9 @@
 """Running trials in a worker, whatever the executor: resume, record, checkpoint.
 
 The executor interface (see ``executors/base.py``) hands a worker a **unit**, a list of trials
-that share ``TrialSpec.group_key()`` (today always one trial). :func:`run_unit` runs it with the
-unit runner registered for its size: :func:`run_trials_one_by_one` for now; model stacking will
-register a runner that trains a whole unit as one batched model.
+that share ``TrialSpec.group_key()`` (one trial unless the sweep runs with ``stack`` > 1).
+:func:`run_unit` runs it with the unit runner registered for its size: :func:`run_trials_one_by_one`
+for one trial, ``stacked.run_stacked`` (the unit trained as one stacked model) for more.
 
 Whatever trains them, every trial is recorded through its own :class:`TrialRecorder`:
 
@@ -104,12 +104,13 @@ class TrialRecorder:
         path = self.store.checkpoint(self.spec.id)
         return load_torch(path) if path.exists() else None
 
-    def started(self, checkpoint: Optional[dict]) -> None:
-        """Before the trial is built: from which epoch it goes on (its checkpoint's, or 0)."""
+    def started(self, checkpoint: Optional[dict], **fields) -> None:
+        """Before the trial is built: from which epoch it goes on (its checkpoint's, or 0), and
+        ``fields`` (``stacked``: the size of the unit it trains in)."""
         saved = {"from_epoch": 0} if checkpoint is None else {"from_epoch": checkpoint["epoch"],
                                                              "checkpoint_threads": checkpoint.get("threads")}
         self._append("started", **saved, worker=self.env.worker, pid=os.getpid(), threads=torch.get_num_threads(),
-                     device=self.env.device)
+                     device=self.env.device, **fields)
 
     def epoch_done(self, trial, metrics: dict) -> None:
         if trial.epoch % self.env.checkpoint_every == 0 or trial.epoch >= trial.epochs:
@@ -130,14 +131,14 @@ class TrialRecorder:
                      traceback="".join(traceback.format_exception(error)))
 
 
-def build_trial(spec: TrialSpec, store: Store, env: WorkerEnv) -> Trial:
+def build_trial(spec: TrialSpec, store: Store, env: WorkerEnv, stacked: bool = False) -> Trial:
     parent = None
     if spec.parent is not None:
         path = store.model(spec.parent)
         if not path.exists():
             raise FileNotFoundError(f"the parent {spec.parent} has no final model at {path} (did it finish?)")
         parent = load_torch(path)
-    return Trial(spec, env.device, parent)
+    return Trial(spec, env.device, parent, stacked=stacked)
 
 
 def run_trial(spec: TrialSpec, env: WorkerEnv) -> dict:
@@ -180,8 +181,13 @@ def run_trials_one_by_one(unit: list, env: WorkerEnv) -> list:
     return [run_trial(spec, env) for spec in unit]
 
 
+def run_stacked(unit: list, env: WorkerEnv) -> list:
+    from sparse_engine.sweep.stacked import run_stacked as run  # it imports this module
+    return run(unit, env)
+
+
 # Unit runners by minimum unit size: the largest key <= len(unit) runs it.
-UNIT_RUNNERS: dict[int, Callable[[list, WorkerEnv], list]] = {1: run_trials_one_by_one}
+UNIT_RUNNERS: dict[int, Callable[[list, WorkerEnv], list]] = {1: run_trials_one_by_one, 2: run_stacked}
 
 
 def run_unit(unit: list, env: WorkerEnv) -> list:

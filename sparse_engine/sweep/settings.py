@@ -76,6 +76,7 @@ RUN_FIELDS = {
     "workers": Field(optional(integer(0)), None, "concurrent trials (local: processes; 0: in this process)"),
     "threads": Field(optional(integer(1)), None, "torch threads per worker (default: cores / workers)"),
     "checkpoint_every": Field(integer(1), 1, "epochs between checkpoints"),
+    "stack": Field(integer(1), 1, "prune trials trained as one stacked model (sparse_engine.stack); 1: one at a time"),
     "address": Field(optional(string), None, "Ray cluster address (default: a local Ray instance)"),
     "gpus_per_trial": Field(optional(real(0)), None, "Ray: GPUs per trial, fractions allowed"),
     "ray_num_cpus": Field(optional(integer(1)), None, "CPUs of a local Ray instance"),

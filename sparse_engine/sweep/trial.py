@@ -111,10 +111,13 @@ class Trial:
         device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         parent_state: the parent's ``model.pt`` contents (``{"model": state_dict, "init": ...}``)
             for prune trials that start from a parent.
+        stacked: a prune trial trained inside a stacked model (``sweep/stacked.py``): its model and
+            optimizer are built, its LR schedule and pruner are not (the stack builds them, with
+            ``make_scheduler`` and ``make_pruner``, on its per-model views).
     """
 
-    def __init__(self, spec: TrialSpec, device, parent_state: Optional[dict] = None):
-        self.spec, self.config = spec, spec.config
+    def __init__(self, spec: TrialSpec, device, parent_state: Optional[dict] = None, stacked: bool = False):
+        self.spec, self.config, self.stacked = spec, spec.config, stacked
         self.device = torch.device(device)
         self.pretrain = spec.kind == "pretrain"
         stage = self.config["pretrain"] if self.pretrain else self.config["train"]
@@ -147,31 +150,49 @@ class Trial:
         self.setup_s = time.perf_counter() - started
 
     def _build_pruning(self, model, train: dict, parent_state: Optional[dict]) -> None:
-        method = lookup_method(self.config["method"]["name"])
-        original = None
+        self.method = lookup_method(self.config["method"]["name"])
+        self._original_lrs = None
         if self.spec.parent is not None:
             if parent_state is None:
                 raise ValueError(f"trial {self.spec.id}: needs its parent {self.spec.parent}'s final model")
             model.load_state_dict(parent_state["model"])
             pre = self.config["pretrain"]
             parent_steps = -(-self.x_train.shape[0] // pre["batch_size"])
-            original = pretrain_lrs(pre, pre["epochs"] * parent_steps)
+            self._original_lrs = pretrain_lrs(pre, pre["epochs"] * parent_steps)
         self.model = sparsify(model.to(self.device))
         self.optimizer = make_optimizer(self.model.parameters(), train["optimizer"])
         mask_optimizer(self.optimizer, self.model)
         bn = train["bn_recalibration"]
-        bn_data = None if bn is None else list(self.x_train[:bn["images"]].to(self.device).split(bn["batch_size"]))
-        total = self.epochs * self.steps_per_epoch
+        self._bn_data = None if bn is None else list(self.x_train[:bn["images"]].to(self.device).split(bn["batch_size"]))
+        self._parent_extras = parent_state or {}
+        if not self.stacked:
+            self.scheduler = self.make_scheduler(self.optimizer)
+            self.pruner = self.make_pruner(self.model, self.optimizer)
+
+    def method_context(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> MethodContext:
+        """What the method's builder gets, for ``model`` and ``optimizer`` (this trial's own, or a
+        stacked model's view of it and a stand-in optimizer with its learning rates)."""
+        train = self.config["train"]
         schedule = train["lr_schedule"]
-        ctx = MethodContext(self.model, self.optimizer, self.config["sparsity"], self.epochs, self.steps_per_epoch,
-                            total, schedule if schedule != "constant" else None, original, bn_data, F.cross_entropy,
-                            (self.x_train[:self.batch_size].to(self.device),
-                             self.y_train[:self.batch_size].to(self.device)),
-                            parent_state.get("init") if parent_state else None, self.config["seed"],
-                            parent_state.get("snapshots") if parent_state else None)
-        if not method.owns_lr and schedule != "constant":
-            self.scheduler = retrain_lr_schedule(schedule, self.optimizer, total, **ctx.lr_options())
-        self.pruner = method.build(ctx, **self.config["method"]["options"])
+        return MethodContext(model, optimizer, self.config["sparsity"], self.epochs, self.steps_per_epoch,
+                             self.epochs * self.steps_per_epoch, schedule if schedule != "constant" else None,
+                             self._original_lrs, self._bn_data, F.cross_entropy,
+                             (self.x_train[:self.batch_size].to(self.device),
+                              self.y_train[:self.batch_size].to(self.device)),
+                             self._parent_extras.get("init"), self.config["seed"],
+                             self._parent_extras.get("snapshots"))
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer):
+        """The trial's retraining LR schedule on ``optimizer``, or None (a constant LR, or a method
+        that schedules the LR itself)."""
+        schedule = self.config["train"]["lr_schedule"]
+        if self.method.owns_lr or schedule == "constant":
+            return None
+        ctx = self.method_context(self.model, optimizer)
+        return retrain_lr_schedule(schedule, optimizer, ctx.total_steps, **ctx.lr_options())
+
+    def make_pruner(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        return self.method.build(self.method_context(model, optimizer), **self.config["method"]["options"])
 
     # -- training -------------------------------------------------------------------------------
 
@@ -186,13 +207,23 @@ class Trial:
                            scheduler=self.scheduler, generator=self.generator, on_step=on_step)
         if self.pruner is not None:
             self.pruner.on_epoch_end()
+        return self.end_epoch(loss, time.perf_counter() - started)
+
+    def end_epoch(self, loss: float, seconds: float) -> dict:
+        """After an epoch's training (here or in a stack) with mean training loss ``loss``, taking
+        ``seconds``: count it, measure and record its metrics. A loss that is not finite (a diverged
+        run) raises FloatingPointError: the trial fails rather than finish with NaN weights."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {loss} in epoch {self.epoch + 1}: the run diverged "
+                                     f"(learning rate {self.optimizer.param_groups[0]['lr']:.4g})")
+        started = time.perf_counter()
         self.epoch += 1
         metrics = {"train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "sparsity": self.sparsity()}
         if self.eval_every and self.epoch % self.eval_every == 0:
             metrics.update(evaluate_metrics(self.config["metrics"], self.model, self.x_test, self.y_test,
                                             self.device, self.parent_model()))
         self.history.append(metrics)
-        self.elapsed += time.perf_counter() - started
+        self.elapsed += seconds + time.perf_counter() - started
         return metrics
 
     def _after_step(self) -> None:

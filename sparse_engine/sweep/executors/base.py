@@ -2,14 +2,15 @@
 
 The coordinator (``sweep.py``) decides which trials are ready (a prune trial waits for its parent)
 and hands them to an executor in **units**: lists of ``TrialSpec`` that share
-``TrialSpec.group_key()`` (architecture, data, batch size, step count, device). Today every unit
-holds one trial. Model stacking plugs in at two places and changes nothing else:
+``TrialSpec.group_key()`` (architecture, data, batch size, step count, device, optimizer settings
+other than learning rate and weight decay, and a method that can run stacked). Model stacking
+works at two places:
 
 1. the coordinator packs up to ``stack`` ready trials with equal ``group_key()`` into one unit
-   (:func:`pack_units`, which the coordinator calls with ``stack=1`` today; model stacking adds
-   ``Sweep.run(stack=K)`` / ``--stack K`` and passes K);
+   (:func:`pack_units`; ``Sweep.run(stack=K)``, ``--stack K`` or ``[run] stack = K``; 1 by
+   default: every unit one trial);
 2. a worker runs a unit with ``runner.run_unit``, which picks the unit runner registered in
-   ``runner.UNIT_RUNNERS`` for the unit's size: a stacked runner registered for sizes >= 2 trains
+   ``runner.UNIT_RUNNERS`` for the unit's size: ``stacked.run_stacked`` for sizes >= 2 trains
    the unit as one batched model and still records every trial through its own
    ``runner.TrialRecorder`` (started / epoch_done with a per-trial checkpoint / finished /
    failed), so each trial is checkpointed, resumed and reported as its own.

@@ -1,0 +1,248 @@
+"""Stacked units: K prune trials of one group trained as one stacked model (``sparse_engine.stack``).
+
+:func:`run_stacked` is ``runner.UNIT_RUNNERS``' entry for units of two or more trials (the
+coordinator packs them with ``--stack K``; ``TrialSpec.group_key`` says which trials may share a
+stack). Each trial is built as it would be alone (``Trial(..., stacked=True)``: its data, its sparse
+model loaded from its parent, its optimizer; not its pruner or LR schedule), resumed from its own
+checkpoint, and recorded through its own ``TrialRecorder``. Then:
+
+* the K models become one ``StackedModel``, trained by ``StackedSGD``/``StackedAdamW`` with each
+  trial's learning rate and weight decay, under ``mask_stacked_optimizer``;
+* each trial's LR schedule runs on its own stand-in optimizer (``PerModelLR``), and its pruner is
+  built by its own method on its model's view of the stack (``StackedPruners``: the masks every
+  model selects at a step come from one ``topk_mask`` call);
+* at every step model k trains on the batch its own shuffling generator draws, as alone: the
+  ``(K, B, ...)`` inputs gather K index sets of the one data set, and the loss is the sum of the K
+  models' mean cross-entropies, so model k's gradient is that of its own loss;
+* a trial resumed from its checkpoint gets it after its pruner is built on the fresh model, as
+  alone; trials resumed from different epochs train in separate stacks;
+* after every epoch each trial's state is copied out of the stack into its ``Trial`` (weights,
+  masks, buffers, optimizer state, learning rate), which then measures, records and checkpoints
+  itself as a trial run alone does. The checkpoint of a stacked trial is an ordinary one: it
+  resumes in any stack, or alone.
+
+A trial whose training loss is not finite, or whose pruner or metrics raise, is recorded failed; its
+model stays in the stack (every stacked op is per model, so its NaNs cannot reach the others) but is
+no longer pruned, measured or recorded. A unit whose architecture cannot be stacked (``stack.check_stackable``) runs one trial at a
+time. Results equal the trials' results alone up to float rounding (the stacked kernels sum in
+another order): the same masks where no score ties within that rounding.
+"""
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparse_engine.stack import stack
+from sparse_engine.stack.convert import check_stackable
+from sparse_engine.stack.layers import StackedLayer
+from sparse_engine.stack.optim import PerModelLR, StackedAdamW, StackedSGD, mask_stacked_optimizer
+from sparse_engine.stack.pruning import StackedPruners
+from sparse_engine.sweep import components
+from sparse_engine.sweep.journal import StoreError
+from sparse_engine.sweep.runner import TrialRecorder, WorkerEnv, build_trial, run_trials_one_by_one
+from sparse_engine.sweep.store import Store
+from sparse_engine.sweep.trial import Trial
+
+
+def stacked_optimizer(stacked, trials: list):
+    """``StackedSGD``/``StackedAdamW`` over ``stacked`` with each trial's learning rate and weight decay
+    (the trials' other optimizer settings are equal: ``TrialSpec.group_key``)."""
+    configs = [t.config["train"]["optimizer"] for t in trials]
+    c = configs[0]
+    lr, wd = [x["lr"] for x in configs], [x["weight_decay"] for x in configs]
+    if c["name"] == "sgd":
+        return StackedSGD(stacked, lr=lr, momentum=c["momentum"], weight_decay=wd, nesterov=c["nesterov"])
+    return StackedAdamW(stacked, lr=lr, betas=(c["beta1"], c["beta2"]), eps=c["eps"], weight_decay=wd)
+
+
+class _Member:
+    """One trial of a stack: its spec, recorder, built ``Trial``, checkpoint, and outcome."""
+
+    def __init__(self, spec, recorder: TrialRecorder, saved: Optional[dict]):
+        self.spec, self.recorder, self.saved = spec, recorder, saved
+        self.trial: Optional[Trial] = None
+        self.outcome: Optional[dict] = None
+
+    def fail(self, error: BaseException) -> None:
+        self.recorder.failed(error)
+        self.outcome = {"trial": self.spec.id, "state": "failed", "error": f"{type(error).__name__}: {error}"}
+
+
+class _Stack:
+    """Members at the same epoch, trained as one stacked model (module docstring)."""
+
+    def __init__(self, members: list):
+        self.members = members
+        trials = [m.trial for m in members]
+        self.device = trials[0].device
+        self.model = stack([t.model for t in trials])
+        self.layers = [(n, m) for n, m in self.model.module.named_modules() if isinstance(m, StackedLayer)]
+        self.optimizer = stacked_optimizer(self.model, trials)
+        mask_stacked_optimizer(self.optimizer, self.model)
+        self.lrs = PerModelLR(self.optimizer, [t.make_scheduler for t in trials])
+        self.pruners = StackedPruners(self.model, self.optimizer, [t.make_pruner for t in trials],
+                                      isolate_failures=True)
+        self.names = [(p, n.removeprefix("module.")) for n, p in self.model.named_parameters()]
+        self._check_pruners()
+        for k, m in self.active:
+            if m.saved is not None:
+                try:
+                    self._resume(k, m)
+                except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another config: that trial fails
+                    m.fail(e)
+                    self.pruners.stop(k)
+
+    @property
+    def active(self) -> list:
+        return [(k, m) for k, m in enumerate(self.members) if m.outcome is None]
+
+    # -- one model's state in and out of the stack ------------------------------------------------
+
+    @torch.no_grad()
+    def _resume(self, k: int, member: _Member) -> None:
+        """Model k's checkpoint into its ``Trial`` and into the stack, in the order ``Trial.load_state_dict``
+        loads it: weights and masks, pruner, LR schedule, optimizer (after the pruner's construction on the
+        fresh model, as alone: some pruners read the model they start from)."""
+        trial, saved = member.trial, member.saved
+        trial.load_state_dict(saved)
+        for name, layer in self.layers:
+            layer.load_slice_(k, trial.model.get_submodule(name))
+        self.pruners.pruners[k].load_state_dict(saved["pruner"])
+        self.lrs.load_model_state(k, saved["scheduler"], [g["lr"] for g in trial.optimizer.param_groups])
+        for p, name in self.names:
+            for key, value in trial.optimizer.state.get(trial.model.get_parameter(name), {}).items():
+                state = self.optimizer.state[p]
+                if value.dim() == 0:  # AdamW's step: shared by the stack's models (the same epoch)
+                    if key in state and not torch.equal(state[key], value):
+                        raise ValueError(f"trial {member.spec.id}: optimizer {key} {value.item()} differs from "
+                                         f"the stack's {state[key].item()}")
+                    state[key] = value.clone()
+                    continue
+                if key not in state:
+                    state[key] = torch.zeros((len(self.members), *value.shape), dtype=value.dtype, device=p.device)
+                state[key][k].copy_(value)
+
+    @torch.no_grad()
+    def copy_out(self, k: int) -> None:
+        """Model k's weights, masks, buffers, optimizer state and learning rate into its ``Trial``."""
+        trial = self.members[k].trial
+        for name, layer in self.layers:
+            trial.model.get_submodule(name).load_state_dict(layer.unstacked(k).state_dict())
+        for p, name in self.names:
+            single = trial.model.get_parameter(name)
+            state = self.optimizer.state.get(p)
+            if state:
+                trial.optimizer.state[single] = {key: (v[k] if v.dim() > 0 else v).clone() for key, v in state.items()}
+            else:
+                trial.optimizer.state.pop(single, None)
+        for g, sg in zip(trial.optimizer.param_groups, self.optimizer.param_groups):
+            g["lr"] = float(sg["lr"][k])
+        trial.scheduler, trial.pruner = self.lrs.schedulers[k], self.pruners.pruners[k]
+
+    def _check_pruners(self) -> None:
+        for k, error in list(self.pruners.failed.items()):
+            if self.members[k].outcome is None:
+                self.members[k].fail(error)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def train_epoch(self) -> tuple[list, float]:
+        """One epoch of every model; returns each model's mean training loss and the seconds taken."""
+        started = time.perf_counter()
+        trials = [m.trial for m in self.members]
+        x, y, batch = trials[0].x_train, trials[0].y_train, trials[0].batch_size
+        orders = [torch.randperm(x.shape[0], generator=t.generator) for t in trials]
+        self.model.train()
+        totals, count = torch.zeros(len(trials), dtype=torch.float64), 0
+        for i in range(0, x.shape[0], batch):
+            idx = torch.stack([o[i:i + batch] for o in orders])
+            xb, yb = x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+            out = self.model(xb)
+            losses = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view(idx.shape).mean(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            self.optimizer.step()
+            self.lrs.step()
+            self.pruners.step()
+            totals += losses.detach().to("cpu", torch.float64) * idx.shape[1]
+            count += idx.shape[1]
+        self.pruners.on_epoch_end()
+        return (totals / max(count, 1)).tolist(), time.perf_counter() - started
+
+    def run(self) -> None:
+        """Train every member to its last epoch, recording each as its own trial."""
+        while self.active and not self.members[self.active[0][0]].trial.finished:
+            losses, seconds = self.train_epoch()
+            self._check_pruners()
+            share = seconds / max(len(self.active), 1)
+            for k, member in self.active:
+                self.copy_out(k)
+                try:
+                    metrics = member.trial.end_epoch(losses[k], share)
+                except StoreError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a diverged model (NaN loss) or a failing metric
+                    member.fail(e)
+                    self.pruners.stop(k)
+                    continue
+                member.recorder.epoch_done(member.trial, metrics)
+        for _, member in self.active:
+            try:
+                member.recorder.finished(member.trial)
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. a final metric that raises
+                member.fail(e)
+                continue
+            member.outcome = {"trial": member.spec.id, "state": "done", "error": None}
+
+
+def run_stacked(unit: list, env: WorkerEnv) -> list:
+    """Run (or resume) a unit of trials as stacked models; one outcome per trial, as ``run_trial``'s."""
+    try:
+        check_stackable(components.build(unit[0].config["model"]), "model")
+    except (TypeError, ValueError):
+        return run_trials_one_by_one(unit, env)
+    store = Store(env.directory)
+    members, outcomes, locks = [], {}, []
+    try:
+        for spec in unit:
+            lock = store.trial_lock(spec.id)
+            if not lock.acquire():
+                outcomes[spec.id] = {"trial": spec.id, "state": "busy", "error": "another process is running this trial"}
+                continue
+            locks.append(lock)
+            recorder = TrialRecorder(store, spec, env)
+            member = _Member(spec, recorder, recorder.checkpoint())
+            members.append(member)
+            recorder.started(member.saved, stacked=len(unit))
+            try:
+                member.trial = build_trial(spec, store, env, stacked=True)
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded; the unit's other trials go on
+                member.fail(e)
+        by_epoch: dict = {}
+        for m in members:
+            if m.outcome is None:
+                by_epoch.setdefault(0 if m.saved is None else m.saved["epoch"], []).append(m)
+        for group in by_epoch.values():
+            try:
+                _Stack(group).run()
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the stack itself failed: every trial still in it
+                for m in group:
+                    if m.outcome is None:
+                        m.fail(e)
+        outcomes.update((m.spec.id, m.outcome) for m in members)
+    except StoreError as e:
+        for m in members:
+            if m.outcome is None or m.outcome["state"] != "done":
+                outcomes[m.spec.id] = {"trial": m.spec.id, "state": "failed", "error": str(e), "store_error": True}
+    finally:
+        for lock in locks:
+            lock.release()
+    return [outcomes[spec.id] for spec in unit]
+

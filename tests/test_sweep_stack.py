@@ -1,0 +1,190 @@
+"""Sweeps with model stacking (``--stack K``): trials packed into stacked models give the results they give
+alone, are recorded and checkpointed as their own, resume exactly after kill -9, and fail alone."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sweep_helpers as h
+from sparse_engine.sweep import Sweep, SweepResults, pack_units
+from sparse_engine.sweep.runner import WorkerEnv, build_trial
+from sparse_engine.sweep.store import Store, load_torch
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return h.data_dir(tmp_path_factory)
+
+
+def run_stacked(text: str, directory: Path, stack: int) -> dict:
+    return Sweep.from_text(text, directory=directory).run(workers=0, threads=1, progress=False, stack=stack)
+
+
+def records(directory: Path) -> dict:
+    return {r["id"]: r for r in SweepResults(directory).records(with_history=True)}
+
+
+def final_weights(directory: Path, trial: str) -> dict:
+    return load_torch(directory / "trials" / trial / "model.pt")["model"]
+
+
+def assert_close_results(got: dict, want: dict, directory: Path, reference: Path) -> None:
+    """The same trials done, with the same masks and sparsities and, up to float rounding (the stacked
+    kernels sum in another order), the same losses, accuracies and weights."""
+    assert set(got) == set(want)
+    for i, r in want.items():
+        g = got[i]
+        assert g["state"] == "done", g["error"]
+        assert g["layers"] == r["layers"], i
+        assert g["metrics"]["sparsity"] == r["metrics"]["sparsity"], i
+        for key in ("train_loss", "test_loss"):
+            assert g["metrics"][key] == pytest.approx(r["metrics"][key], rel=1e-4, abs=1e-5), (i, key)
+        assert abs(g["metrics"]["test_accuracy"] - r["metrics"]["test_accuracy"]) <= 1 / 128, i
+        assert [e["lr"] for e in g["history"]] == pytest.approx([e["lr"] for e in r["history"]], rel=1e-12), i
+        mine, theirs = final_weights(directory, i), final_weights(reference, i)
+        assert mine.keys() == theirs.keys(), i
+        for k in mine:
+            if mine[k].is_floating_point():
+                torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=1e-4, msg=f"{i} {k}")
+            else:  # masks, counters
+                assert torch.equal(mine[k], theirs[k]), (i, k)
+
+
+def test_stacked_sweep_gives_the_results_of_trials_run_alone(tmp_path, tmp_path_factory, data):
+    text = h.tiny_sweep_text(data)  # one-shot and GMP, 2 sparsities, 2 seeds: 8 pruning trials of one group
+    reference = h.baseline(tmp_path_factory, text, "two-methods")
+    status = run_stacked(text, tmp_path, stack=3)
+    assert (status["done"], status["failed"]) == (10, 0)
+    assert_close_results(records(tmp_path), records(reference), tmp_path, reference)
+    started = [e for e in h.events(tmp_path) if e["event"] == "started"]
+    # 8 pruning trials in stacks of 3, 3 and 2; the parents alone
+    assert sorted(e.get("stacked", 1) for e in started) == [1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
+    run = [e for e in h.events(tmp_path) if e["event"] == "run"][-1]
+    assert run["settings"]["stack"] == 3
+    for r in records(tmp_path).values():  # every trial recorded as its own
+        assert len(r["history"]) == r["config"]["pretrain" if r["kind"] == "pretrain" else "train"]["epochs"]
+        assert r["wall_s"] > 0
+
+
+def test_a_stacked_trials_checkpoint_resumes_alone(tmp_path, data):
+    """A checkpoint written from a stack is an ordinary trial checkpoint: the trial resumed from it alone
+    ends as the stacked run does (up to float rounding)."""
+    text = h.tiny_sweep_text(data).replace("seed = [0, 1]", "seed = [0]")
+    stacked_dir = tmp_path / "stacked"
+    sweep = Sweep.from_text(text, directory=stacked_dir)
+    sweep.run(workers=0, threads=1, progress=False, stack=4, checkpoint_every=1)
+    # the final checkpoints are removed when trials finish: run the stacked trials again, to epoch 1 only
+    prune = [t for t in sweep.trials if t.kind == "prune"]
+    store, env = Store(stacked_dir), WorkerEnv(str(stacked_dir))
+    from sparse_engine.sweep.stacked import _Member, _Stack
+    from sparse_engine.sweep.runner import TrialRecorder
+    members = []
+    for spec in prune:
+        m = _Member(spec, TrialRecorder(store, spec, env), None)
+        m.trial = build_trial(spec, store, env, stacked=True)
+        members.append(m)
+    s = _Stack(members)
+    losses, seconds = s.train_epoch()
+    s.copy_out(2)
+    trial = members[2].trial
+    trial.end_epoch(losses[2], seconds)
+    state = trial.state_dict()
+    alone = build_trial(prune[2], store, env)
+    alone.load_state_dict(state)
+    while not alone.finished:
+        alone.train_epoch()
+    want = records(stacked_dir)[prune[2].id]
+    got = alone.result()
+    assert got["layers"] == want["layers"]
+    assert got["metrics"]["train_loss"] == pytest.approx(want["metrics"]["train_loss"], rel=1e-4)
+    assert abs(got["metrics"]["test_accuracy"] - want["metrics"]["test_accuracy"]) <= 1 / 128
+
+
+def test_kill_9_of_a_stacked_sweep_and_resume_give_the_uninterrupted_results(tmp_path, tmp_path_factory, data):
+    methods = '[methods.slow-GMP]\nname = "sweep_helpers:stackable_slow_gmp"\n'
+    text = h.tiny_sweep_text(data, methods)
+    reference = tmp_path_factory.getbasetemp() / "sweep-stacked-slow"
+    if not (reference / "done").exists():
+        run_stacked(text, reference, stack=4)
+        (reference / "done").write_text("")
+    sweep_file = tmp_path / "tiny.toml"
+    sweep_file.write_text(text)
+    directory = tmp_path / "run"
+    seen = h.kill_when(h.start_run(sweep_file, directory, "--threads", "1", "--stack", "4"), directory,
+                       h.mid_trial("prune"))
+    h.assert_processes_gone({e["pid"] for e in seen if e["event"] == "started"})
+    killed = h.mid_trial_ids(seen, "prune")
+    done = subprocess.run([sys.executable, "-m", "sparse_engine.sweep", "run", str(sweep_file), "--dir",
+                           str(directory), "--threads", "1", "--quiet", "--stack", "4"], cwd=h.REPO,
+                          env=h.env_with_tests_path(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed = [e for e in h.events(directory) if e["event"] == "started" and e["trial"] in killed]
+    assert resumed and all(e["stacked"] == 4 for e in resumed)
+    assert max(e["from_epoch"] for e in resumed) >= 1  # continued from checkpoints, not from scratch
+    h.assert_same_results(directory, reference)
+
+
+def test_a_diverging_model_fails_alone(tmp_path, tmp_path_factory, data):
+    """One model of a stack turns NaN mid-epoch: its trial is recorded failed (a non-finite training loss),
+    the other models of its stack finish with the results they have without it."""
+    methods = ('[methods.ok]\nname = "sweep_helpers:nan_gmp"\n'
+               '[methods.diverges]\nname = "sweep_helpers:nan_gmp"\nat = 2\n')
+    text = h.tiny_sweep_text(data, methods).replace("seed = [0, 1]", "seed = [0]")
+    status = run_stacked(text, tmp_path, stack=4)
+    assert (status["done"], status["failed"]) == (3, 2)
+    got = records(tmp_path)
+    failed = [r for r in got.values() if r["state"] == "failed"]
+    assert {r["method"] for r in failed} == {"diverges"}
+    for r in failed:  # its pruner meets the NaN weights first
+        assert r["error"] == "ValueError: scores of layer '1' contain NaN; NaN scores cannot be ranked", r["error"]
+    alone_text = h.tiny_sweep_text(data, '[methods.ok]\nname = "sweep_helpers:nan_gmp"\n').replace(
+        "seed = [0, 1]", "seed = [0]")
+    alone = tmp_path / "alone"
+    h.run_here(alone_text, alone)
+    want = records(alone)
+    assert_close_results({i: got[i] for i in want}, want, tmp_path, alone)
+    # the same divergence alone fails the same way
+    solo = tmp_path / "solo"
+    assert h.run_here(text, solo)["failed"] == 2
+    assert sorted(r["error"] for r in records(solo).values() if r["state"] == "failed") == [failed[0]["error"]] * 2
+
+
+def test_a_nan_loss_fails_the_trial(tmp_path, data):
+    """A model that diverges without a pruner to notice (GMP has stopped pruning) fails by its loss, alone
+    and in a stack."""
+    methods = ('[methods.ok]\nname = "sweep_helpers:nan_gmp"\n'
+               '[methods.diverges]\nname = "sweep_helpers:nan_gmp"\nat = 17\n')  # epoch 3 of 3, after GMP
+    text = h.tiny_sweep_text(data, methods).replace("seed = [0, 1]", "seed = [0]")
+    for stack in (1, 4):
+        status = run_stacked(text, tmp_path / str(stack), stack=stack)
+        assert (status["done"], status["failed"]) == (3, 2)
+        for r in records(tmp_path / str(stack)).values():
+            if r["state"] == "failed":
+                assert r["error"].startswith("FloatingPointError: the training loss is nan in epoch 3"), r["error"]
+
+
+def test_units_pack_only_trials_that_can_share_a_stack(data):
+    methods = h.TWO_METHODS + ('[methods.random]\nname = "one_shot"\nscore = "random"\n'
+                               '[methods.set]\nname = "set"\n')
+    text = h.tiny_sweep_text(data, methods).replace("seed = [0, 1]", "seed = [0]")
+    text = text.replace('[grid]', '[grid]\n"train.optimizer" = [{ name = "sgd", lr = 0.1 }, '
+                                  '{ name = "sgd", lr = 0.01 }, { name = "adamw" }]')
+    prune = [t for t in Sweep.from_text(text).trials if t.kind == "prune"]
+    units = pack_units(prune, free_slots=100, stack=100)
+    for unit in units:
+        if len(unit) > 1:
+            assert {t.config["method"]["name"] for t in unit} <= {"one_shot", "gmp"}
+            assert all(t.config["method"]["options"].get("score") != "random" for t in unit)
+            assert len({t.config["train"]["optimizer"]["name"] for t in unit}) == 1
+    sizes = sorted(len(u) for u in units)
+    # sgd (2 learning rates) x {one-shot, GMP} x 2 sparsities = 8 in one stack; adamw: 4; random and SET alone
+    assert sizes == [1] * 12 + [4, 8]
+
+
+def test_stack_argument_is_checked(tmp_path, data):
+    sweep = Sweep.from_text(h.tiny_sweep_text(data), directory=tmp_path)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="stack: expected an integer >= 1"):
+            sweep.run(workers=0, stack=bad, progress=False)
