@@ -19,8 +19,9 @@ With ``--beyond-accuracy`` every trial also measures ``sparse_engine.eval``'s me
 metric ``beyond_accuracy``): agreement with and distance to the dense parent, calibration, worst-class
 accuracy, accuracy under noise and corruptions, stored beside accuracy in the sweep and in ``results.json``.
 
-The pruning trials of each model train ``--stack K`` at a time as one stacked model
-(``sparse_engine.stack``; ``--stack 1``: one at a time); ``--compare-stacking`` runs the sweep a second
+The pruning trials of each model train as stacked models (``sparse_engine.stack``) where a measured
+training step says stacking is faster on this machine (``--stack auto``, the default; ``--stack K``: K
+at a time regardless; ``--stack 1``: one at a time); ``--compare-stacking`` runs the sweep a second
 time without stacking (in ``OUT/unstacked``) and reports both wall times.
 
 It prints a table of accuracy and time, and writes ``results.json`` and ``sparsity_accuracy.png``
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from sparse_engine.sweep import Sweep, SweepFileError, plot_sweep, report_table
+from sparse_engine.sweep.cli import stack_arg
 
 SWEEP_FILE = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 METHODS = ("one-shot", "one-shot ERK", "IMP+FT", "IMP+SLR", "IMP+CLR", "GMP", "cyclical", "FGGP")
@@ -47,7 +49,6 @@ BUDGETS = {  # (training images, dense epochs, retraining epochs)
     "full": (60_000, 15, 9),
 }
 BATCH = 128
-STACK = 8  # pruning trials per stacked model (the demo has 24 per model)
 
 
 def overrides(args, budget) -> dict:
@@ -79,7 +80,7 @@ def rows_of(records: list, every_metric: bool = False) -> list[dict]:
     return rows
 
 
-def run_sweep(sweep: Sweep, args, stack: int, out) -> float:
+def run_sweep(sweep: Sweep, args, stack, out) -> float:
     """Run ``sweep`` (stacking ``stack`` trials); returns its wall time in seconds."""
     started = time.perf_counter()
     # The demo's directory is its own: a changed command line takes it over, keeping what still fits.
@@ -109,8 +110,9 @@ def main(argv=None) -> list[dict]:
                    "threads)")
     p.add_argument("--beyond-accuracy", action="store_true", help="also measure agreement with the dense parent, "
                    "calibration and accuracy under noise and corruptions (sparse_engine.eval), kept in results.json")
-    p.add_argument("--stack", type=int, default=STACK, help=f"pruning trials trained as one stacked model "
-                   f"(default {STACK}; 1: one at a time)")
+    p.add_argument("--stack", type=stack_arg, default="auto", help="pruning trials trained as one stacked model "
+                   "(default auto: as many as fit, for the models where a stacked step measures faster; 1: one at a "
+                   "time)")
     p.add_argument("--compare-stacking", action="store_true", help="also run the sweep without stacking (in "
                    "OUT/unstacked) and report both wall times")
     p.add_argument("--sweep", type=Path, default=SWEEP_FILE, help="the sweep file (default: examples/demo.toml)")
@@ -123,8 +125,6 @@ def main(argv=None) -> list[dict]:
         p.error(f"--train-size must be >= {BATCH}, --epochs and --retrain-epochs >= 1")
     if not all(0.0 < s < 1.0 for s in args.sparsities):
         p.error(f"--sparsities must lie in (0, 1), got {args.sparsities}")
-    if args.stack < 1:
-        p.error(f"--stack must be >= 1, got {args.stack}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     from sparse_engine.data.fashion_mnist import resolve_data_dir
@@ -137,7 +137,7 @@ def main(argv=None) -> list[dict]:
     except SweepFileError as e:
         raise SystemExit(f"error: {e}")
     walls = {f"stack {args.stack}": run_sweep(sweep, args, args.stack, args.out)}
-    if args.compare_stacking and args.stack > 1:
+    if args.compare_stacking and args.stack != 1:
         unstacked = Sweep.from_file(args.sweep, overrides(args, budget), Path(args.out) / "unstacked")
         walls["stack 1"] = run_sweep(unstacked, args, 1, Path(args.out) / "unstacked")
     records = sweep.results()

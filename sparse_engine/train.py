@@ -31,19 +31,25 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     total, count = 0.0, 0
     for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if on_step is not None:
-            on_step()
-        total += loss.item() * xb.shape[0]
+        total += train_step(model, optimizer, xb, yb, scheduler, on_step) * xb.shape[0]
         count += xb.shape[0]
         if progress is not None:
             progress.update(1)
     return total / max(count, 1)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+               scheduler=None, on_step: Optional[Callable[[], object]] = None) -> float:
+    """One optimizer step of ``train_epoch`` on the batch ``(xb, yb)``; returns its loss."""
+    loss = F.cross_entropy(model(xb), yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if on_step is not None:
+        on_step()
+    return loss.item()
 
 
 @torch.no_grad()

@@ -185,6 +185,40 @@ def test_units_pack_only_trials_that_can_share_a_stack(data):
 
 def test_stack_argument_is_checked(tmp_path, data):
     sweep = Sweep.from_text(h.tiny_sweep_text(data), directory=tmp_path)
-    for bad in (0, -2, 1.5, True):
+    for bad in (0, -2, 1.5, True, "all"):
         with pytest.raises(ValueError, match="stack: expected an integer >= 1"):
             sweep.run(workers=0, stack=bad, progress=False)
+
+
+def test_auto_stacks_only_where_the_probe_measures_it_faster(tmp_path, tmp_path_factory, data, monkeypatch):
+    """stack="auto": every ready trial of a group goes to one probe (a measured step alone vs stacked, memory
+    cap); the decision is recorded in each trial's started event. Forced both ways here (FASTER), since
+    which is faster depends on the machine."""
+    from sparse_engine.sweep import stacked
+    text = h.tiny_sweep_text(data)
+    reference = h.baseline(tmp_path_factory, text, "two-methods")
+    monkeypatch.setattr(stacked, "FASTER", 0.0)  # stacking never pays: one at a time, exactly as alone
+    monkeypatch.setattr(stacked, "_decisions", {})
+    assert run_stacked(text, tmp_path / "never", stack="auto")["done"] == 10
+    h.assert_same_results(tmp_path / "never", reference)
+    started = [e for e in h.events(tmp_path / "never") if e["event"] == "started" and "stack_probe" in e]
+    assert len(started) == 8 and all(e["stack_probe"]["k"] == 1 and "stacked" not in e for e in started)
+    probe = started[0]["stack_probe"]
+    assert probe["probed"] == 8 and probe["memory_cap"] >= 8 and probe["alone_ms"] > 0 and probe["stacked_ms"] > 0
+    monkeypatch.setattr(stacked, "FASTER", float("inf"))  # always: all 8 in one stack
+    monkeypatch.setattr(stacked, "_decisions", {})
+    assert run_stacked(text, tmp_path / "always", stack="auto")["done"] == 10
+    assert_close_results(records(tmp_path / "always"), records(reference), tmp_path / "always", reference)
+    started = [e for e in h.events(tmp_path / "always") if e["event"] == "started" and "stack_probe" in e]
+    assert len(started) == 8 and all(e["stacked"] == 8 and e["stack_probe"]["k"] == 8 for e in started)
+
+
+def test_auto_caps_the_stack_by_memory(tmp_path, data, monkeypatch):
+    from sparse_engine.sweep import stacked
+    monkeypatch.setattr(stacked, "FASTER", float("inf"))
+    monkeypatch.setattr(stacked, "_decisions", {})
+    monkeypatch.setattr(stacked, "_free_bytes", lambda device: 3 * stacked.MEMORY_SHARE ** -1 * 10 ** 9)
+    monkeypatch.setattr(stacked, "_model_bytes", lambda trial, xb: 10 ** 9)  # 3 models fit
+    assert run_stacked(h.tiny_sweep_text(data), tmp_path, stack="auto")["done"] == 10
+    sizes = sorted(e["stacked"] for e in h.events(tmp_path) if e["event"] == "started" and "stacked" in e)
+    assert sizes == [2, 2, 3, 3, 3, 3, 3, 3]

@@ -230,6 +230,10 @@ class PerSample(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"x: expected shape (num_models, B, ...), got {tuple(x.shape)}")
         lead = x.shape[:2]
+        if not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+            # (S, B, ...) as a view of a (B, S, ...) tensor (the stacked convolution's and BatchNorm's
+            # output): fold (B, S) instead, without a copy; the order of the samples does not matter.
+            return self.module(x.transpose(0, 1).flatten(0, 1)).unflatten(0, lead[::-1]).transpose(0, 1)
         return self.module(x.flatten(0, 1)).unflatten(0, lead)
 
     def unstacked(self, i: int) -> nn.Module:

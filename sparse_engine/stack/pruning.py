@@ -183,7 +183,12 @@ class StackedPruners:
 
     def step(self) -> list[bool]:
         """``pruner.step()`` of every model; returns whether each model's masks changed."""
-        return self._run_all(lambda k: self.pruners[k].step())
+        # A step that no pruner selects masks at (their schedules say so: Pruner.step_selects) runs the K calls
+        # one after another in this thread: the threads are only needed to batch selections, and cost
+        # milliseconds a step (thread starts, the GIL, OpenMP's spinning workers).
+        quiet = all(hasattr(p, "step_selects") and not p.step_selects(p.step_count + 1)
+                    for k, p in enumerate(self.pruners) if k in self.active)
+        return self._run_all(lambda k: self.pruners[k].step(), threaded=not quiet)
 
     def on_epoch_end(self) -> list[bool]:
         return self._run_all(lambda k: self.pruners[k].on_epoch_end())
@@ -225,7 +230,9 @@ class StackedPruners:
                     view.get_parameter(name).grad = p.grad[k]
 
     def _versions(self) -> list[int]:
-        return [sum(u.mask_version for _, u in sparse_modules(view)) for view in self.views]
+        if not hasattr(self, "_view_layers"):
+            self._view_layers = [[u for _, u in sparse_modules(view)] for view in self.views]
+        return [sum(u.mask_version for u in layers) for layers in self._view_layers]
 
     @torch.no_grad()
     def _clear_state_if_cleared(self, sentinels) -> None:
@@ -242,7 +249,7 @@ class StackedPruners:
                     if isinstance(v, Tensor) and v.dim() > 0:
                         v[k].zero_()
 
-    def _run_all(self, call: Callable[[int], object]) -> list:
+    def _run_all(self, call: Callable[[int], object], threaded: bool = True) -> list:
         k_models = self.stacked.num_models
         running = sorted(self.active)
         self._lrs_to_stand_ins()
@@ -267,15 +274,22 @@ class StackedPruners:
         with _install_lock, warnings.catch_warnings():
             # the stand-in optimizers never step, which the pruners' LR schedulers would warn about
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
-            _prune_module.select = _dispatching_select
-            try:
-                threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}") for k in running]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            finally:
-                _prune_module.select = _ORIGINAL_SELECT
+            if not threaded:
+                for k in running:
+                    try:
+                        results[k] = call(k)
+                    except BaseException as e:
+                        errors[k] = e
+            else:
+                _prune_module.select = _dispatching_select
+                try:
+                    threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}") for k in running]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                finally:
+                    _prune_module.select = _ORIGINAL_SELECT
         self.select_calls += batch.calls
         for view in self.views:
             view.zero_grad(set_to_none=True)

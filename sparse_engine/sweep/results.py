@@ -5,7 +5,7 @@ configs and labels come from ``declared`` events, their state and results from t
 """
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from sparse_engine.sweep.index import Index
 from sparse_engine.sweep.journal import StoreError

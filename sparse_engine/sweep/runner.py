@@ -45,6 +45,7 @@ class WorkerEnv:
     worker: str = "w0"
     git_sha: Optional[str] = None
     coordinator: Optional[tuple] = None  # (hostname, pid) of the coordinating process
+    stack_auto: bool = False  # units of several trials: stack them only where it measures faster
 
 
 def coordinator_gone(env: WorkerEnv) -> bool:
@@ -141,10 +142,11 @@ def build_trial(spec: TrialSpec, store: Store, env: WorkerEnv, stacked: bool = F
     return Trial(spec, env.device, parent, stacked=stacked)
 
 
-def run_trial(spec: TrialSpec, env: WorkerEnv) -> dict:
+def run_trial(spec: TrialSpec, env: WorkerEnv, **started) -> dict:
     """Run (or resume) one trial to its end in this process; returns ``{"trial", "state", "error"}``.
 
     The trial's lock is held throughout: if another live process holds it, nothing is run.
+    ``started``: more fields of its ``started`` event.
     """
     store = Store(env.directory)
     lock = store.trial_lock(spec.id)
@@ -153,7 +155,7 @@ def run_trial(spec: TrialSpec, env: WorkerEnv) -> dict:
     recorder = TrialRecorder(store, spec, env)
     try:
         saved = recorder.checkpoint()
-        recorder.started(saved)
+        recorder.started(saved, **started)
         trial = build_trial(spec, store, env)
         if saved is not None:
             trial.load_state_dict(saved)
@@ -177,8 +179,8 @@ def run_trial(spec: TrialSpec, env: WorkerEnv) -> dict:
         lock.release()
 
 
-def run_trials_one_by_one(unit: list, env: WorkerEnv) -> list:
-    return [run_trial(spec, env) for spec in unit]
+def run_trials_one_by_one(unit: list, env: WorkerEnv, **started) -> list:
+    return [run_trial(spec, env, **started) for spec in unit]
 
 
 def run_stacked(unit: list, env: WorkerEnv) -> list:

@@ -1,7 +1,7 @@
 """The settings tables of a sweep file other than models and methods: optimizer, dense pretraining
 (``[pretrain]``), retraining (``[train]``) and how to run (``[run]``), each resolved to a canonical
 dict with every default filled in."""
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from sparse_engine.pruning.methods.lr_schedules import RETRAIN_SCHEDULES
 from sparse_engine.sweep.fields import (Field, Invalid, boolean, check_table, choice, integer, optional, real, string,
@@ -71,12 +71,23 @@ TRAIN_FIELDS = {
     "eval_every": Field(integer(0), 0, "evaluate every this many epochs (0: only at the end)"),
 }
 
+def stack_size(value: Any) -> Union[int, str]:
+    """``[run] stack``: an integer >= 1, or "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return integer(1)(value)
+    except Invalid:
+        raise Invalid(f'expected an integer >= 1 or "auto", got {value!r}') from None
+
+
 RUN_FIELDS = {
     "executor": Field(choice("local", "ray"), "local"),
     "workers": Field(optional(integer(0)), None, "concurrent trials (local: processes; 0: in this process)"),
     "threads": Field(optional(integer(1)), None, "torch threads per worker (default: cores / workers)"),
     "checkpoint_every": Field(integer(1), 1, "epochs between checkpoints"),
-    "stack": Field(integer(1), 1, "prune trials trained as one stacked model (sparse_engine.stack); 1: one at a time"),
+    "stack": Field(stack_size, 1, "prune trials trained as one stacked model (sparse_engine.stack); 1: one at a "
+                                  "time; \"auto\": as many as memory allows, where stacking measures faster"),
     "address": Field(optional(string), None, "Ray cluster address (default: a local Ray instance)"),
     "gpus_per_trial": Field(optional(real(0)), None, "Ray: GPUs per trial, fractions allowed"),
     "ray_num_cpus": Field(optional(integer(1)), None, "CPUs of a local Ray instance"),

@@ -27,9 +27,11 @@ no longer pruned, measured or recorded. A unit whose architecture cannot be stac
 time. Results equal the trials' results alone up to float rounding (the stacked kernels sum in
 another order): the same masks where no score ties within that rounding.
 """
+import random
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,14 +43,22 @@ from sparse_engine.stack.pruning import StackedPruners
 from sparse_engine.sweep import components
 from sparse_engine.sweep.journal import StoreError
 from sparse_engine.sweep.runner import TrialRecorder, WorkerEnv, build_trial, run_trials_one_by_one
-from sparse_engine.sweep.store import Store
+from sparse_engine.sweep.store import Store, load_torch
 from sparse_engine.sweep.trial import Trial
+from sparse_engine.train import train_step
 
 
-def stacked_optimizer(stacked, trials: list):
-    """``StackedSGD``/``StackedAdamW`` over ``stacked`` with each trial's learning rate and weight decay
-    (the trials' other optimizer settings are equal: ``TrialSpec.group_key``)."""
-    configs = [t.config["train"]["optimizer"] for t in trials]
+# stack = "auto": units of up to AUTO_MAX trials; stacks take at most MEMORY_SHARE of the free memory, and are
+# used where a stacked step takes at most FASTER times the same trials' steps one at a time.
+AUTO_MAX = 32
+MEMORY_SHARE = 0.5
+FASTER = 0.9
+_decisions: dict = {}  # group_key -> the probe's record, per worker process
+
+
+def stacked_optimizer(stacked, configs: list):
+    """``StackedSGD``/``StackedAdamW`` over ``stacked`` with each optimizer config's learning rate and weight
+    decay (the configs' other settings are equal: ``TrialSpec.group_key``)."""
     c = configs[0]
     lr, wd = [x["lr"] for x in configs], [x["weight_decay"] for x in configs]
     if c["name"] == "sgd":
@@ -78,7 +88,7 @@ class _Stack:
         self.device = trials[0].device
         self.model = stack([t.model for t in trials])
         self.layers = [(n, m) for n, m in self.model.module.named_modules() if isinstance(m, StackedLayer)]
-        self.optimizer = stacked_optimizer(self.model, trials)
+        self.optimizer = stacked_optimizer(self.model, [t.config["train"]["optimizer"] for t in trials])
         mask_stacked_optimizer(self.optimizer, self.model)
         self.lrs = PerModelLR(self.optimizer, [t.make_scheduler for t in trials])
         self.pruners = StackedPruners(self.model, self.optimizer, [t.make_pruner for t in trials],
@@ -151,24 +161,30 @@ class _Stack:
         """One epoch of every model; returns each model's mean training loss and the seconds taken."""
         started = time.perf_counter()
         trials = [m.trial for m in self.members]
-        x, y, batch = trials[0].x_train, trials[0].y_train, trials[0].batch_size
-        orders = [torch.randperm(x.shape[0], generator=t.generator) for t in trials]
+        n, batch = trials[0].x_train.shape[0], trials[0].batch_size
+        orders = [torch.randperm(n, generator=t.generator) for t in trials]
         self.model.train()
         totals, count = torch.zeros(len(trials), dtype=torch.float64), 0
-        for i in range(0, x.shape[0], batch):
+        for i in range(0, n, batch):
             idx = torch.stack([o[i:i + batch] for o in orders])
-            xb, yb = x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
-            out = self.model(xb)
-            losses = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view(idx.shape).mean(1)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            self.optimizer.step()
-            self.lrs.step()
-            self.pruners.step()
-            totals += losses.detach().to("cpu", torch.float64) * idx.shape[1]
+            totals += self.step(idx) * idx.shape[1]
             count += idx.shape[1]
         self.pruners.on_epoch_end()
         return (totals / max(count, 1)).tolist(), time.perf_counter() - started
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of every model, model k on the training samples ``idx[k]``; returns the K
+        losses (float64, on the CPU)."""
+        x, y = self.members[0].trial.x_train, self.members[0].trial.y_train
+        xb, yb = x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+        out = self.model(xb)
+        losses = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view(idx.shape).mean(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        self.lrs.step()
+        self.pruners.step()
+        return losses.detach().to("cpu", torch.float64)
 
     def run(self) -> None:
         """Train every member to its last epoch, recording each as its own trial."""
@@ -198,12 +214,133 @@ class _Stack:
             member.outcome = {"trial": member.spec.id, "state": "done", "error": None}
 
 
+def _fastest_ms(runs: dict, device, rounds: int = 7) -> dict:
+    """``{name: ms}``: the fastest of ``rounds`` interleaved calls of each function, after one warm-up call
+    (noise from other work on the machine only adds time)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = {name: float("inf") for name in runs}
+    for r in range(rounds + 1):
+        for name, run in runs.items():
+            sync()
+            started = time.perf_counter()
+            run()
+            sync()
+            if r:
+                best[name] = min(best[name], (time.perf_counter() - started) * 1e3)
+    return best
+
+
+def _free_bytes(device) -> Optional[int]:
+    """Free memory of ``device``: CUDA's, or the host's ``MemAvailable`` (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _model_bytes(trial: Trial, xb: torch.Tensor) -> int:
+    """Memory one trial's training step needs: measured on CUDA (the peak of a step); on CPU, four copies of
+    the parameters (weights, gradients, two optimizer states) and three of every layer's output (kept for
+    backward, its gradient, slack)."""
+    model, device = trial.model, trial.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        F.cross_entropy(model(xb), torch.zeros(xb.shape[0], dtype=torch.long, device=device)).backward()
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated(device) - base
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * o.element_size()))
+             for m in model.modules() if not m._modules]
+    try:
+        with torch.no_grad():
+            model(xb)
+    finally:
+        for h in hooks:
+            h.remove()
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 3 * sum(sizes)
+
+
+def probe(specs: list, store: Store, env: WorkerEnv) -> dict:
+    """How many of ``specs`` (ready trials of one group) to stack, measured on throwaway copies of them: the
+    training step of the first trial alone (its batch, forward, backward, optimizer, LR schedule and pruner:
+    ``train.train_step``), times K, against the step of the first K as one stack (``_Stack.step``), K first
+    capped by memory (``MEMORY_SHARE`` of the free memory). Steps at which a pruner selects masks do not
+    count (the fastest of several steps is compared). Returns ``{"k": the stack size to use (1: one at a
+    time), "probed", "memory_cap", "alone_ms", "stacked_ms"}``. The RNGs are left as they were."""
+    device = torch.device(env.device)
+    rng = (random.getstate(), np.random.get_state())
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            alone = build_trial(specs[0], store, env)
+            n, batch = alone.x_train.shape[0], alone.batch_size
+            idx = torch.randperm(n)[:batch]
+            xb, yb = alone.x_train[idx].to(device), alone.y_train[idx].to(device)
+            free = _free_bytes(device)
+            cap = AUTO_MAX if free is None else max(1, int(MEMORY_SHARE * free // max(_model_bytes(alone, xb), 1)))
+            k = min(len(specs), cap)
+            record = {"probed": k, "memory_cap": cap, "alone_ms": None, "stacked_ms": None}
+            if k < 2:
+                return {**record, "k": 1}
+            members = []
+            for spec in specs[:k]:
+                members.append(_Member(spec, None, None))
+                members[-1].trial = build_trial(spec, store, env, stacked=True)
+            together = _Stack(members)
+            ids = torch.stack([torch.randperm(n)[:batch] for _ in range(k)])
+
+            def one_by_one():
+                for _ in range(k):
+                    train_step(alone.model, alone.optimizer, xb, yb, alone.scheduler, alone.pruner.step)
+
+            ms = _fastest_ms({"alone": one_by_one, "stacked": lambda: together.step(ids)}, device)
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+    record.update(alone_ms=round(ms["alone"], 3), stacked_ms=round(ms["stacked"], 3))
+    return {**record, "k": k if ms["stacked"] <= FASTER * ms["alone"] else 1}
+
+
 def run_stacked(unit: list, env: WorkerEnv) -> list:
-    """Run (or resume) a unit of trials as stacked models; one outcome per trial, as ``run_trial``'s."""
+    """Run (or resume) a unit of trials as stacked models; one outcome per trial, as ``run_trial``'s.
+
+    With ``env.stack_auto`` the unit is split into stacks of the size :func:`probe` chooses for its group
+    (measured once per worker process), or run one trial at a time where stacking does not measure faster.
+    Trials checkpointed by an earlier run resume the way they trained (stacked or alone), so that a
+    resumed sweep ends with exactly the uninterrupted run's results."""
     try:
         check_stackable(components.build(unit[0].config["model"]), "model")
     except (TypeError, ValueError):
         return run_trials_one_by_one(unit, env)
+    if not env.stack_auto:
+        return _run_stack(unit, env, {})
+    store = Store(env.directory)
+    modes = {}
+    for spec in unit:
+        path = store.checkpoint(spec.id)
+        modes[spec.id] = load_torch(path).get("stacked") if path.exists() else None
+    key = unit[0].group_key()
+    fresh = [spec for spec in unit if modes[spec.id] is None]
+    if len(fresh) > 1 and key not in _decisions:
+        _decisions[key] = probe(fresh, store, env)
+    decision = _decisions.get(key, {"k": len(unit)})
+    alone = [spec for spec in unit if modes[spec.id] is False or (modes[spec.id] is None and decision["k"] < 2)]
+    together = [spec for spec in unit if spec not in alone]
+    outcomes = {o["trial"]: o for o in run_trials_one_by_one(alone, env, stack_probe=decision)}
+    size = max(decision["k"], 2)
+    for i in range(0, len(together), size):
+        outcomes.update((o["trial"], o) for o in _run_stack(together[i:i + size], env, {"stack_probe": decision}))
+    return [outcomes[spec.id] for spec in unit]
+
+
+def _run_stack(unit: list, env: WorkerEnv, started: dict) -> list:
     store = Store(env.directory)
     members, outcomes, locks = [], {}, []
     try:
@@ -216,7 +353,7 @@ def run_stacked(unit: list, env: WorkerEnv) -> list:
             recorder = TrialRecorder(store, spec, env)
             member = _Member(spec, recorder, recorder.checkpoint())
             members.append(member)
-            recorder.started(member.saved, stacked=len(unit))
+            recorder.started(member.saved, stacked=len(unit), **started)
             try:
                 member.trial = build_trial(spec, store, env, stacked=True)
             except StoreError:

@@ -279,6 +279,7 @@ class Trial:
                 "pruner": self.pruner.state_dict() if self.pruner is not None else None,
                 "rng": capture_rng(self.generator, self.device), "history": list(self.history),
                 "elapsed_s": self.elapsed, "threads": torch.get_num_threads(), "init": self.init_state,
+                "stacked": self.stacked,
                 **({"snapshots": dict(self.snapshots)} if self.snapshot_steps else {})}
 
     def load_state_dict(self, state: dict) -> None:

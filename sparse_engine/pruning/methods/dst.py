@@ -137,6 +137,9 @@ class DynamicSparse(Pruner):
         (what ``step()`` does at update steps); returns ``{"dropped", "grown"}``."""
         return drop_and_grow_([m for _, m in self.layers], self.grow_scores(), fraction, self.optimizer)
 
+    def step_selects(self, t: int) -> bool:
+        return self.update_step(t)
+
     def _on_step(self, t: int) -> bool:
         if not self.update_step(t):
             return False

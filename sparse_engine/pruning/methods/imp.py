@@ -203,6 +203,9 @@ class IMP(Pruner):
             self.lr_scheduler.step()
         return False
 
+    def step_selects(self, t: int) -> bool:
+        return False  # IMP prunes at epoch ends
+
     def _on_epoch(self, e: int) -> bool:
         if self.finished:
             return False

@@ -270,6 +270,12 @@ class Pruner:
     def _on_epoch(self, e: int) -> bool:
         return False
 
+    def step_selects(self, t: int) -> bool:
+        """Whether the ``step()`` call that counts step ``t`` may select masks (False: it surely does
+        not). A stack of pruners (``sparse_engine.stack.pruning``) runs quiet steps without threads.
+        Conservative here; the schedules of the built-in methods answer exactly."""
+        return type(self)._on_step is not Pruner._on_step
+
     # -- pruning ------------------------------------------------------------------------------
 
     def kept(self) -> int:

@@ -83,6 +83,9 @@ class OneShot(Pruner):
     def _on_step(self, t: int) -> bool:
         return self._prune(one_shot_sparsity(t, self.target, self.at)) if t == self.at else False
 
+    def step_selects(self, t: int) -> bool:
+        return t == self.at
+
 
 class _Gradual(Pruner):
     """GMP and FGGP: ``cubic_sparsity`` targets at ``t = t0 + k dt``, ``k = 0..n``, with
@@ -123,6 +126,9 @@ class _Gradual(Pruner):
 
     def _on_step(self, t: int) -> bool:
         return self._apply(self.target_at(t)) if self.pruning_step(t) else False
+
+    def step_selects(self, t: int) -> bool:
+        return self.pruning_step(t)
 
     def _apply(self, sparsity: float) -> bool:
         raise NotImplementedError
@@ -261,13 +267,21 @@ class Cyclical(Pruner):
     def target_at(self, t: int) -> float:
         return cyclical_sparsity(t, self.target, self.cycles, self.total_steps, self.ramp, self.initial)
 
-    def _on_step(self, t: int) -> bool:
+    def _action(self, t: int) -> Optional[str]:
+        """What step ``t`` does: "regrow" (a cycle starts), "prune", or None."""
         if t >= self.total_steps:
-            return False  # the last cycle's last step (t = T - 1) reached the target
+            return None  # the last cycle's last step (t = T - 1) reached the target
         if cycle_start(t, self.cycles, self.total_steps):
-            return self._regrow(self.target_at(t), self.loss_fn, self.data)
+            return "regrow"
         start = self.starts[cycle_index(t, self.cycles, self.total_steps)]
         last = t + 1 == self.total_steps or cycle_start(t + 1, self.cycles, self.total_steps)
-        if last or (t - start) % self.frequency == 0:
-            return self._prune(self.target_at(t))
-        return False
+        return "prune" if last or (t - start) % self.frequency == 0 else None
+
+    def _on_step(self, t: int) -> bool:
+        action = self._action(t)
+        if action == "regrow":
+            return self._regrow(self.target_at(t), self.loss_fn, self.data)
+        return self._prune(self.target_at(t)) if action == "prune" else False
+
+    def step_selects(self, t: int) -> bool:
+        return self._action(t) is not None
