@@ -14,6 +14,8 @@ DEPS := triton==3.9.0 numpy==2.4.6 pybind11==3.1.0 pytest==9.2.0 tqdm==4.70.1 ma
 SWEEP_DEPS := ray==2.60.0 "tomli==2.5.0; python_version < '3.11'"
 DATA_DIR ?=
 DEMO_ARGS ?=
+# make demo also runs its sweep the other way (stacked / one at a time) and reports both wall times
+DEMO_STACKING ?= --compare-stacking
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -70,7 +72,7 @@ data:
 	fi
 
 demo: setup data
-	$(PY) -m sparse_engine.demo $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(DEMO_ARGS)
+	$(PY) -m sparse_engine.demo $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(DEMO_STACKING) $(DEMO_ARGS)
 
 # One-shot magnitude, layer-wise OBS, CHITA and CHITA++ on a trained MLP 784-40-20-10 (about 4 minutes on 2 cores).
 demo-second-order: setup data

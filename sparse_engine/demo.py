@@ -21,8 +21,9 @@ accuracy, accuracy under noise and corruptions, stored beside accuracy in the sw
 
 The pruning trials of each model train as stacked models (``sparse_engine.stack``) where a measured
 training step says stacking is faster on this machine (``--stack auto``, the default; ``--stack K``: K
-at a time regardless; ``--stack 1``: one at a time); ``--compare-stacking`` runs the sweep a second
-time without stacking (in ``OUT/unstacked``) and reports both wall times.
+at a time regardless; ``--stack 1``: one at a time); ``--compare-stacking`` (``make demo`` passes it)
+runs the sweep a second time the other way, in ``OUT/stack-1`` when the first run stacked any trials,
+else in ``OUT/stack-32`` with every model's trials in one stack, and reports both wall times.
 
 It prints a table of accuracy and time, and writes ``results.json`` and ``sparsity_accuracy.png``
 into ``--out``, which is also the sweep's directory: an interrupted demo resumes where it stopped,
@@ -40,6 +41,7 @@ import torch
 
 from sparse_engine.sweep import Sweep, SweepFileError, plot_sweep, report_table
 from sparse_engine.sweep.cli import stack_arg
+from sparse_engine.sweep.stacked import AUTO_MAX
 
 SWEEP_FILE = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 METHODS = ("one-shot", "one-shot ERK", "IMP+FT", "IMP+SLR", "IMP+CLR", "GMP", "cyclical", "FGGP")
@@ -91,6 +93,20 @@ def run_sweep(sweep: Sweep, args, stack, out) -> float:
     return time.perf_counter() - started
 
 
+def stacking_of_last_run(sweep: Sweep) -> dict:
+    """``{model label: the largest stack its pruning trials trained in}`` in the sweep's last run (1: one at
+    a time), from the trials' ``started`` events; with ``--stack auto`` it is what the probe chose."""
+    events, _ = sweep.store.journal.read(0)
+    runs = [i for i, e in enumerate(events) if e.get("event") == "run"]
+    model = {t.id: t.labels.get("model") for t in sweep.trials if t.kind == "prune"}
+    out: dict = {}
+    for e in events[runs[-1] if runs else 0:]:
+        if e.get("event") == "started" and e.get("trial") in model:
+            label = model[e["trial"]]
+            out[label] = max(out.get(label, 1), e.get("stacked", 1))
+    return out
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files "
@@ -113,8 +129,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--stack", type=stack_arg, default="auto", help="pruning trials trained as one stacked model "
                    "(default auto: as many as fit, for the models where a stacked step measures faster; 1: one at a "
                    "time)")
-    p.add_argument("--compare-stacking", action="store_true", help="also run the sweep without stacking (in "
-                   "OUT/unstacked) and report both wall times")
+    p.add_argument("--compare-stacking", action="store_true", help="also run the sweep the other way (one at a "
+                   "time if this run stacked trials, else all of a model's trials in one stack) and report both wall "
+                   "times")
     p.add_argument("--sweep", type=Path, default=SWEEP_FILE, help="the sweep file (default: examples/demo.toml)")
     p.add_argument("--out", default="runs/demo", help="the sweep directory, with results.json and "
                    "sparsity_accuracy.png")
@@ -137,21 +154,25 @@ def main(argv=None) -> list[dict]:
     except SweepFileError as e:
         raise SystemExit(f"error: {e}")
     walls = {f"stack {args.stack}": run_sweep(sweep, args, args.stack, args.out)}
-    if args.compare_stacking and args.stack != 1:
-        unstacked = Sweep.from_file(args.sweep, overrides(args, budget), Path(args.out) / "unstacked")
-        walls["stack 1"] = run_sweep(unstacked, args, 1, Path(args.out) / "unstacked")
+    stacking = stacking_of_last_run(sweep)
+    if args.compare_stacking:
+        # the other way: one at a time if this run stacked anything, else every model's trials in one stack
+        other = 1 if any(k > 1 for k in stacking.values()) else AUTO_MAX
+        again = Sweep.from_file(args.sweep, overrides(args, budget), Path(args.out) / f"stack-{other}")
+        walls[f"stack {other}"] = run_sweep(again, args, other, Path(args.out) / f"stack-{other}")
     records = sweep.results()
     rows = rows_of(records, args.beyond_accuracy)
 
     print(f"\nFashion-MNIST ({budget[0]} training images, 10000 test), device {args.device}: dense {budget[1]} epochs, "
           f"then {budget[2]} retraining epochs for every method")
     print(report_table(records, "test_accuracy", label="acc"))
-    print("\nwall time of the sweep (trials finished in an earlier run are not run again): "
+    print("\nstacking (pruning trials per stacked model): " + ", ".join(f"{m}: {k}" for m, k in stacking.items())
+          + "\nwall time of the sweep (trials finished in an earlier run are not run again): "
           + ", ".join(f"{k}: {v:.1f} s" for k, v in walls.items()))
     out = Path(args.out)
     meta = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, train_size=budget[0],
                 epochs=budget[1], retrain_epochs=budget[2], torch=torch.__version__, sweep=str(args.sweep),
-                wall_s=walls)
+                wall_s=walls, stacking=stacking)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     plot_sweep(records, out / "sparsity_accuracy.png", title=lambda model: f"Fashion-MNIST, {model.upper()}")
     print(f"\nresults: {out / 'results.json'}, plot: {out / 'sparsity_accuracy.png'}, sweep: {out} "

@@ -266,7 +266,7 @@ def _gmp_defaults() -> dict:
 
 # The same slow GMP, declared stackable: its trials train K at a time with `--stack K`.
 stackable_slow_gmp = Method(lambda ctx, delay=0.03: slow_gmp(ctx, delay), {"delay": Field(real(0), 0.03)},
-                            stackable=lambda options: True)
+                            stackable=lambda config: True)
 
 
 class NaNAt:
@@ -294,4 +294,4 @@ class NaNAt:
 
 
 # GMP that diverges at step `at` (0: never), stackable.
-nan_gmp = Method(lambda ctx, at=0: NaNAt(ctx, at), {"at": Field(integer(0), 0)}, stackable=lambda options: True)
+nan_gmp = Method(lambda ctx, at=0: NaNAt(ctx, at), {"at": Field(integer(0), 0)}, stackable=lambda config: True)

@@ -84,6 +84,20 @@ def test_demo_runs_every_method_and_prunes_exactly(tmp_path, capsys):
     assert "| mlp | IMP+SLR |" in printed and "| cnn | FGGP |" in printed
 
 
+def test_demo_compares_stacking(tmp_path, capsys):
+    from sparse_engine.demo import main
+    root = make_dataset(tmp_path / "data", n_train=256, n_test=64)
+    out = tmp_path / "out"
+    main(["--data-dir", str(root), "--train-size", "256", "--epochs", "1", "--retrain-epochs", "1", "--models", "mlp",
+          "--methods", "one-shot", "GMP", "--sparsities", "0.5", "0.9", "--out", str(out), "--threads", "1",
+          "--stack", "3", "--compare-stacking"])
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["stacking"] == {"mlp": 3} and set(meta["wall_s"]) == {"stack 3", "stack 1"}
+    assert all(v > 0 for v in meta["wall_s"].values())
+    assert (out / "stack-1" / "journal.jsonl").exists()
+    assert "stacking (pruning trials per stacked model): mlp: 3" in capsys.readouterr().out
+
+
 def test_demo_reports_missing_data(tmp_path):
     from sparse_engine.demo import main
     with pytest.raises(SystemExit, match="--data-dir"):

@@ -126,3 +126,52 @@ def test_errors():
     with pytest.raises(RuntimeError, match="model 1: its pruner raised ValueError: sparsity"):
         StackedPruners(stacked, opt, [lambda m, o: OneShot(m, o, 0.5), lambda m, o: OneShot(m, o, 1.5),
                                       lambda m, o: OneShot(m, o, 0.5)])
+
+
+def test_random_methods_with_rng_streams_equal_separate_runs():
+    """Methods that draw from torch's global RNG (random scores, SET's growth, PAI's shuffle and reinit, RigL's
+    random initial masks) give each model of a stack the masks and weights of a separate run seeded like its
+    stream; the global RNG outside the pruners is left alone."""
+    from sparse_engine.pruning.methods import SET, PruneAtInit, RigL
+    x0, y0 = torch.randn(6, *SHAPES["mlp"], dtype=torch.float64), torch.randint(0, 5, (6,))
+    methods = [
+        lambda m, o: OneShot(m, o, 0.7, at=2, score="random"),
+        lambda m, o: PruneAtInit(m, o, 0.8, "saliency", shuffle=True, reinit=True, loss_fn=F.cross_entropy,
+                                 data=(x0, y0)),
+        lambda m, o: SET(m, o, 0.75, STEPS, delta_t=2, drop_fraction=0.5, allocation="erk"),
+        lambda m, o: RigL(m, o, 0.6, STEPS, loss_fn=F.cross_entropy, data=(x0, y0), delta_t=2, allocation="erk"),
+    ]
+    k = len(methods)
+    models = [se.sparsify(m) for m in (make_models("mlp", sparse=False) + make_models("mlp", sparse=False))[:k]]
+    for i, m in enumerate(models):
+        torch.manual_seed(70 + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+    stacked = stack(models)
+    batches = batches_for("mlp", k)
+    separate = []
+    for i, (m, make) in enumerate(zip(models, methods)):
+        torch.manual_seed(100 + i)
+        opt = torch.optim.SGD(m.parameters(), lr=LRS[i], momentum=0.9)
+        separate.append(make(m, opt))
+        train(m, opt, separate[-1], [(x[i], y[i]) for x, y in batches], stacked=False)
+    streams = []
+    for i in range(k):
+        torch.manual_seed(100 + i)
+        streams.append(torch.get_rng_state())
+    torch.manual_seed(5)
+    outer = torch.get_rng_state()
+    opt = StackedSGD(stacked, lr=LRS[:k], momentum=0.9)
+    mask_stacked_optimizer(opt, stacked)
+    pruners = StackedPruners(stacked, opt, methods, rng_streams=streams)
+    assert torch.equal(torch.get_rng_state(), outer)
+    train(stacked, opt, pruners, batches, stacked=True)
+    assert torch.equal(torch.get_rng_state(), outer)
+    for i, (m, b) in enumerate(zip(models, unstack(stacked))):
+        for (n, a), (_, u) in zip(se.sparse_modules(m), se.sparse_modules(b)):
+            assert torch.equal(a.mask, u.mask), f"model {i}, layer {n}"
+        for (n, t), (_, u) in zip(m.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(u, t, rtol=1e-9, atol=1e-11, msg=f"model {i}: {n}")
+    with pytest.raises(ValueError, match="rng_streams: expected 4"):
+        StackedPruners(stacked, opt, methods, rng_streams=streams[:2])

@@ -84,6 +84,7 @@ def test_a_stacked_trials_checkpoint_resumes_alone(tmp_path, data):
     for spec in prune:
         m = _Member(spec, TrialRecorder(store, spec, env), None)
         m.trial = build_trial(spec, store, env, stacked=True)
+        m.rng = torch.get_rng_state()
         members.append(m)
     s = _Stack(members)
     losses, seconds = s.train_epoch()
@@ -167,7 +168,8 @@ def test_a_nan_loss_fails_the_trial(tmp_path, data):
 
 def test_units_pack_only_trials_that_can_share_a_stack(data):
     methods = h.TWO_METHODS + ('[methods.random]\nname = "one_shot"\nscore = "random"\n'
-                               '[methods.set]\nname = "set"\n')
+                               '[methods.set]\nname = "set"\n[methods.ticket]\nname = "lottery"\n'
+                               '[methods.slow]\nname = "sweep_helpers:slow_gmp"\n')
     text = h.tiny_sweep_text(data, methods).replace("seed = [0, 1]", "seed = [0]")
     text = text.replace('[grid]', '[grid]\n"train.optimizer" = [{ name = "sgd", lr = 0.1 }, '
                                   '{ name = "sgd", lr = 0.01 }, { name = "adamw" }]')
@@ -175,12 +177,32 @@ def test_units_pack_only_trials_that_can_share_a_stack(data):
     units = pack_units(prune, free_slots=100, stack=100)
     for unit in units:
         if len(unit) > 1:
-            assert {t.config["method"]["name"] for t in unit} <= {"one_shot", "gmp"}
-            assert all(t.config["method"]["options"].get("score") != "random" for t in unit)
             assert len({t.config["train"]["optimizer"]["name"] for t in unit}) == 1
+            assert "sweep_helpers:slow_gmp" not in {t.config["method"]["name"] for t in unit}  # not declared stackable
+            if unit[0].config["train"]["optimizer"]["name"] == "adamw":
+                assert "lottery" not in {t.config["method"]["name"] for t in unit}
     sizes = sorted(len(u) for u in units)
-    # sgd (2 learning rates) x {one-shot, GMP} x 2 sparsities = 8 in one stack; adamw: 4; random and SET alone
-    assert sizes == [1] * 12 + [4, 8]
+    # sgd (2 learning rates) x {one-shot, GMP, random, lottery, SET} x 2 sparsities = 20 in one stack (pruning at
+    # initialisation or from a parent: the same architecture); adamw: {one-shot, GMP, random, SET} x 2 = 8;
+    # alone: the slow user method (6) and lottery with adamw (2)
+    assert sizes == [1] * 8 + [8, 20]
+
+
+def test_random_methods_in_a_stack_draw_what_they_draw_alone(tmp_path, data):
+    """One-shot with random scores, SET (random growth, pruning at initialisation) and PAI's sanity checks
+    (shuffled masks, reinitialised weights): stacked trials draw from their own streams, so they end as
+    alone (up to float rounding), masks included."""
+    methods = ('[methods.random]\nname = "one_shot"\nscore = "random"\n'
+               '[methods.set]\nname = "set"\ndelta_t = 2\n'
+               '[methods.pai]\nname = "pai"\nshuffle = true\nreinit = true\n')
+    text = h.tiny_sweep_text(data, methods)
+    h.run_here(text, tmp_path / "alone")
+    status = run_stacked(text, tmp_path / "stacked", stack=16)
+    assert status["failed"] == 0
+    started = [e for e in h.events(tmp_path / "stacked") if e["event"] == "started" and "stacked" in e]
+    assert len(started) == 12  # pruned from a parent or at initialisation: all in one stack
+    assert_close_results(records(tmp_path / "stacked"), records(tmp_path / "alone"), tmp_path / "stacked",
+                         tmp_path / "alone")
 
 
 def test_stack_argument_is_checked(tmp_path, data):

@@ -6,13 +6,16 @@ models whose Parameters, buffers and masks are *views* of the stack's slices ``[
 constructed on view k (with a stand-in optimizer holding model k's learning rates) computes its
 schedule, scores and allocation exactly as in a separate run, and ``set_mask`` on view k writes
 model k's mask and zeros into the stack. :class:`StackedPruners` runs the K pruners' calls
-(construction, ``step()``, ``on_epoch_end()``) concurrently, one thread per model, and batches
-their selections: ``prune_``'s ``select`` (the ``topk_mask`` call) waits until every model still
-running has reached its own, then one ``topk_mask`` call selects all of them, one group per model
-and per layer where the allocation has per-layer groups (group ids are offset per model), and each
-model gets its masks back. Groups are selected independently and in the same order as alone, so
-the masks equal K separate runs' exactly. Models that do not prune at a step simply finish;
-methods with several selection rounds (SynFlow) batch round by round.
+(construction, ``step()``, ``on_epoch_end()``) in one thread per model, the threads taking turns in
+model order, and batches their selections: ``prune_``'s ``select`` (the ``topk_mask`` call) waits
+until every model still running has reached its own, then one ``topk_mask`` call selects all of
+them, one group per model and per layer where the allocation has per-layer groups (group ids are
+offset per model), and each model gets its masks back. Groups are selected independently and in the
+same order as alone, so the masks equal K separate runs' exactly. Models that do not prune at a step
+simply finish; methods with several selection rounds (SynFlow) batch round by round; a step at which
+no pruner selects (``Pruner.step_selects``) runs without threads. Random draws (random scores, SET's
+growth, reinitialisation) are deterministic, and with ``rng_streams`` each model draws from its own
+torch RNG stream, as in a separate run.
 
 Everything the pruners do besides selection also reaches the stack: weights rewound or
 zeroed in place (views), BatchNorm recalibration (view buffers), learning rates that IMP's
@@ -24,7 +27,8 @@ buffer gives with zero dampening).
 import copy
 import threading
 import warnings
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,30 +75,58 @@ def model_views(stacked: StackedModel) -> list[nn.Module]:
 
 
 class _BatchedSelect:
-    """Collects the ``select`` calls of K worker threads and answers them with one ``topk_mask`` call."""
+    """Runs the K models' pruner calls in worker threads **one at a time, in model order**, and answers their
+    ``select`` calls with one ``topk_mask`` call.
 
-    def __init__(self, workers: int):
+    A thread runs while it holds the turn; it passes the turn on (to the next model that can run) when it
+    waits for a selection or ends. When every model still running waits, one ``topk_mask`` call answers
+    them all and the turn goes round again in model order. With ``streams`` (one torch RNG state per
+    model), the thread with the turn draws from its own model's stream: each model's random draws are
+    those of a separate run, whatever the threads' timing."""
+
+    def __init__(self, workers: list, streams: Optional[dict] = None):
         self.cv = threading.Condition()
-        self.running = workers
+        self.running = len(workers)
+        self.queue = list(workers)
+        self.current = self.queue.pop(0) if self.queue else None
+        self.streams = streams
         self.waiting: dict[int, tuple] = {}
         self.results: dict[int, object] = {}
         self.calls = 0
 
+    def take(self, k: int) -> None:
+        """Block until model ``k`` has the turn (then draw from its stream)."""
+        with self.cv:
+            while self.current != k:
+                self.cv.wait()
+        if self.streams is not None:
+            torch.set_rng_state(self.streams[k])
+
+    def _give(self, k: int) -> None:
+        if self.streams is not None:
+            self.streams[k] = torch.get_rng_state()
+        self.current = self.queue.pop(0) if self.queue else None
+        if self.current is None:
+            self._run_if_all_waiting()
+        self.cv.notify_all()
+
     def select(self, k: int, scores, ks, group, names):
         with self.cv:
             self.waiting[k] = (list(scores), list(ks), list(group), list(names))
-            self._run_if_all_waiting()
-            while k not in self.results:
+            self._give(k)
+            while k not in self.results or self.current != k:
                 self.cv.wait()
             result = self.results.pop(k)
+        if self.streams is not None:
+            torch.set_rng_state(self.streams[k])
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def finished(self) -> None:
+    def finished(self, k: int) -> None:
         with self.cv:
             self.running -= 1
-            self._run_if_all_waiting()
+            self._give(k)
 
     def _run_if_all_waiting(self) -> None:
         if not self.waiting or len(self.waiting) < self.running:
@@ -120,7 +152,8 @@ class _BatchedSelect:
                     self.calls += 1
                 except Exception as e:  # noqa: BLE001 - handed to the model's thread, which raises it
                     self.results[k] = e
-        self.cv.notify_all()
+        self.queue = [k for k, _ in batch]
+        self.current = self.queue.pop(0)
 
 
 _ORIGINAL_SELECT = _granularity.select
@@ -146,6 +179,11 @@ class StackedPruners:
             ``lambda m, o: GMP(m, o, 0.9, start_step=0, end_step=100, frequency=10)``; it is called with
             the model's view (``model_views``) and its stand-in optimizer.
 
+        rng_streams: one torch CPU RNG state per model (``torch.get_rng_state()``), or None. The K pruners'
+            calls run one at a time in model order (threads only take turns), so their draws from torch's
+            global RNG are deterministic either way; with streams, model k's draws come from its own stream
+            (as in a separate run seeded that way) and the global RNG outside the pruners' calls is left
+            alone (the stacked model's dropout draws from it). ``model_rng(k)`` runs code on model k's stream.
         isolate_failures: False (default): an error of any model's pruner is raised (naming the model).
             True: the model's pruner is stopped, its error kept in ``failed[k]``, and the other models go on
             (the sweep runner marks that trial failed); ``stop(k)`` stops a model's pruner by hand.
@@ -155,7 +193,7 @@ class StackedPruners:
     """
 
     def __init__(self, stacked: StackedModel, optimizer: Optimizer, methods: Sequence[Callable],
-                 isolate_failures: bool = False):
+                 rng_streams: Optional[Sequence[Tensor]] = None, isolate_failures: bool = False):
         if not isinstance(stacked, StackedModel):
             raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
         if not isinstance(optimizer, Optimizer):
@@ -175,6 +213,12 @@ class StackedPruners:
         self._lrs_to_stand_ins()
         self.select_calls = 0
         self.isolate_failures = isolate_failures
+        self.streams = None
+        if rng_streams is not None:
+            rng_streams = list(rng_streams)
+            if len(rng_streams) != stacked.num_models or not all(isinstance(t, Tensor) for t in rng_streams):
+                raise ValueError(f"rng_streams: expected {stacked.num_models} torch RNG states (one per model)")
+            self.streams = {k: t.clone() for k, t in enumerate(rng_streams)}
         self.active = set(range(stacked.num_models))
         self.failed: dict[int, BaseException] = {}
         self.pruners = self._run_all(lambda k: methods[k](self.views[k], self.stand_ins[k]))
@@ -192,6 +236,21 @@ class StackedPruners:
 
     def on_epoch_end(self) -> list[bool]:
         return self._run_all(lambda k: self.pruners[k].on_epoch_end())
+
+    @contextmanager
+    def model_rng(self, k: int) -> Iterator[None]:
+        """Run the block on model ``k``'s RNG stream (``rng_streams``): what it draws advances that stream, and
+        the global RNG is as before afterwards. Without streams, a no-op."""
+        if self.streams is None:
+            yield
+            return
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.streams[k])
+        try:
+            yield
+        finally:
+            self.streams[k] = torch.get_rng_state()
+            torch.set_rng_state(outer)
 
     def stop(self, k: int) -> None:
         """Stop model ``k``'s pruner: its calls are skipped from now on (a failed model of a sweep)."""
@@ -258,18 +317,20 @@ class StackedPruners:
         for o in self.stand_ins:
             o.state[sentinel] = {}
         before = self._versions()
-        batch = _BatchedSelect(len(running))
+        outer = torch.get_rng_state() if self.streams is not None else None
+        batch = _BatchedSelect(running, self.streams)
         results, errors = [None] * k_models, [None] * k_models
 
         def work(k):
             _local.batch, _local.index = batch, k
             try:
+                batch.take(k)
                 results[k] = call(k)
             except BaseException as e:
                 errors[k] = e
             finally:
                 _local.batch = None
-                batch.finished()
+                batch.finished(k)
 
         with _install_lock, warnings.catch_warnings():
             # the stand-in optimizers never step, which the pruners' LR schedulers would warn about
@@ -277,7 +338,8 @@ class StackedPruners:
             if not threaded:
                 for k in running:
                     try:
-                        results[k] = call(k)
+                        with self.model_rng(k):
+                            results[k] = call(k)
                     except BaseException as e:
                         errors[k] = e
             else:
@@ -290,6 +352,8 @@ class StackedPruners:
                         t.join()
                 finally:
                     _prune_module.select = _ORIGINAL_SELECT
+                    if outer is not None:
+                        torch.set_rng_state(outer)
         self.select_calls += batch.calls
         for view in self.views:
             view.zero_grad(set_to_none=True)

@@ -88,10 +88,10 @@ class Method:
     ``MethodContext.parent_snapshots`` (the plan makes the parent save them); None: it reads none.
     ``late_options``: options added after sweeps were recorded with the method; at their default they
     are left out of the resolved config (the builder's own default applies), so those trials keep their ids.
-    ``stackable(options)``: whether trials of the method with these options may be trained K at a time in
-    one stacked model (``sweep/stacked.py``) with the same results as alone; None: never. A method
-    qualifies when its pruner runs unchanged on a stacked model's per-model view (``stack.pruning``) and
-    draws nothing from torch's global RNG after construction (the K pruners run in threads that share it).
+    ``stackable(config)``: whether a trial of the method (its resolved config) may be trained with others
+    in one stacked model (``sweep/stacked.py``) with the results it has alone; None: never. A method
+    qualifies when its pruner runs unchanged on a stacked model's per-model view (``stack.pruning``; its
+    draws from torch's global RNG come from the trial's own stream there).
     """
     build: Callable[..., Any]
     options: Mapping[str, Field] = field(default_factory=dict)
@@ -218,22 +218,22 @@ DST = {"delta_t": Field(integer(1), 100, "optimizer steps between drop-and-grow 
        "stop": Field(real(0, 1, low_open=True), 0.75, "updates stop at this fraction of the budget"),
        "allocation": Field(choice(*ALLOCATIONS), "erk", "layer-wise allocation of the initial random masks")}
 
-def _not_random(options: dict) -> bool:
-    """Stackable unless the score is random (drawn from the global RNG at each prune)."""
-    return options.get("score") != "random"
-
-
-def _always(options: dict) -> bool:
+def _always(config: dict) -> bool:
     return True
+
+
+def _with_sgd(config: dict) -> bool:
+    """Rewinding clears one model's optimizer state: in a stack, StackedSGD's only (AdamW's step count is shared)."""
+    return config["train"]["optimizer"]["name"] == "sgd"
 
 
 METHODS: dict = {
     "one_shot": Method(_one_shot, {"score": SCORE, "allocation": ALLOCATION, "granularity": GRANULARITY,
                                    "at": Field(real(0, 1, high_open=True), 0.0, "prune step, fraction of budget")},
-                       stackable=_not_random, doc="prune once (at the start by default), then retrain (OneShot)"),
+                       stackable=_always, doc="prune once (at the start by default), then retrain (OneShot)"),
     "imp": Method(_imp, {"phases": Field(integer(1), 3, "prune-retrain phases (at most one per epoch)"),
                          "score": SCORE, "allocation": ALLOCATION}, owns_lr=True,
-                  stackable=_not_random,
+                  stackable=_always,
                   doc="iterative magnitude pruning over the budget, LR schedule restarted per phase (IMP)"),
     "gmp": Method(_gmp, {**GRADUAL, "recover": Field(boolean, False, "regrow by the dense gradient")},
                   stackable=_always, doc="cubic gradual magnitude pruning (GMP)"),
@@ -251,20 +251,22 @@ METHODS: dict = {
                          "iterations": Field(integer(1), 100, "SynFlow's pruning rounds (read by synflow only)"),
                          "shuffle": Field(boolean, False, "sanity check: shuffle each layer's mask"),
                          "reinit": Field(boolean, False, "sanity check: re-draw the kept weights")},
-                  start="init", doc="prune a fresh model at initialisation, then train it sparse (PruneAtInit)"),
+                  start="init", stackable=_always,
+                  doc="prune a fresh model at initialisation, then train it sparse (PruneAtInit)"),
     "lottery": Method(_lottery, {"phases": Field(integer(1), 1, "prune-rewind-retrain phases (at most one per epoch)"),
                                  "allocation": ALLOCATION,
                                  "reinit": Field(boolean, False, "the random-reinitialisation control"),
                                  "rewind_step": Field(integer(0), 0, "rewind to the parent's weights after this "
                                                                      "many optimizer steps (0: its initialisation; "
                                                                      "open_lth's rewinding_steps)")},
-                      owns_lr=True, late_options=("rewind_step",),
+                      owns_lr=True, late_options=("rewind_step",), stackable=_with_sgd,
                       parent_steps=lambda options: {"rewind_step": options["rewind_step"]}
                       if options.get("rewind_step") else {},
                       doc="lottery ticket: magnitude mask of the trained parent, weights rewound to the parent's "
                           "initialisation or its step rewind_step, retrained (IMP with rewinding)"),
-    "set": Method(_set, DST, start="init", doc="SET: dynamic sparse training from initialisation, random regrowth"),
-    "rigl": Method(_rigl, DST, start="init",
+    "set": Method(_set, DST, start="init", stackable=_always,
+                  doc="SET: dynamic sparse training from initialisation, random regrowth"),
+    "rigl": Method(_rigl, DST, start="init", stackable=_always,
                    doc="RigL: dynamic sparse training from initialisation, regrowth by dense gradient magnitude"),
 }
 

@@ -88,7 +88,7 @@ class TrialSpec:
         if self.kind != "prune":
             return self.id
         method = lookup_method(self.config["method"]["name"])
-        if method.stackable is None or not method.stackable(self.config["method"]["options"]):
+        if method.stackable is None or not method.stackable(self.config):
             return self.id
         stage = self.config["train"]
         shared = {k: v for k, v in stage["optimizer"].items() if k not in ("lr", "weight_decay")}

@@ -72,6 +72,7 @@ class _Member:
     def __init__(self, spec, recorder: TrialRecorder, saved: Optional[dict]):
         self.spec, self.recorder, self.saved = spec, recorder, saved
         self.trial: Optional[Trial] = None
+        self.rng: Optional[torch.Tensor] = None  # torch's RNG state when its Trial was built: its pruner's stream
         self.outcome: Optional[dict] = None
 
     def fail(self, error: BaseException) -> None:
@@ -92,9 +93,10 @@ class _Stack:
         mask_stacked_optimizer(self.optimizer, self.model)
         self.lrs = PerModelLR(self.optimizer, [t.make_scheduler for t in trials])
         self.pruners = StackedPruners(self.model, self.optimizer, [t.make_pruner for t in trials],
-                                      isolate_failures=True)
+                                      rng_streams=[m.rng for m in members], isolate_failures=True)
         self.names = [(p, n.removeprefix("module.")) for n, p in self.model.named_parameters()]
         self._check_pruners()
+        outer = torch.get_rng_state()
         for k, m in self.active:
             if m.saved is not None:
                 try:
@@ -102,6 +104,9 @@ class _Stack:
                 except Exception as e:  # noqa: BLE001 - e.g. a checkpoint of another config: that trial fails
                     m.fail(e)
                     self.pruners.stop(k)
+                if m.saved["rng"].get("stack_torch") is not None:
+                    outer = m.saved["rng"]["stack_torch"]
+        torch.set_rng_state(outer)  # the stacked model's own stream (dropout), as checkpointed
 
     @property
     def active(self) -> list:
@@ -116,6 +121,7 @@ class _Stack:
         fresh model, as alone: some pruners read the model they start from)."""
         trial, saved = member.trial, member.saved
         trial.load_state_dict(saved)
+        self.pruners.streams[k] = torch.get_rng_state()  # the model's own stream, as checkpointed
         for name, layer in self.layers:
             layer.load_slice_(k, trial.model.get_submodule(name))
         self.pruners.pruners[k].load_state_dict(saved["pruner"])
@@ -194,18 +200,20 @@ class _Stack:
             share = seconds / max(len(self.active), 1)
             for k, member in self.active:
                 self.copy_out(k)
+                member.trial.rng_extra = {"stack_torch": torch.get_rng_state()}
                 try:
-                    metrics = member.trial.end_epoch(losses[k], share)
+                    with self.pruners.model_rng(k):  # what the trial draws (metrics) and saves: its own stream
+                        metrics = member.trial.end_epoch(losses[k], share)
+                        member.recorder.epoch_done(member.trial, metrics)
                 except StoreError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a diverged model (NaN loss) or a failing metric
                     member.fail(e)
                     self.pruners.stop(k)
-                    continue
-                member.recorder.epoch_done(member.trial, metrics)
-        for _, member in self.active:
+        for k, member in self.active:
             try:
-                member.recorder.finished(member.trial)
+                with self.pruners.model_rng(k):
+                    member.recorder.finished(member.trial)
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. a final metric that raises
@@ -293,6 +301,7 @@ def probe(specs: list, store: Store, env: WorkerEnv) -> dict:
             for spec in specs[:k]:
                 members.append(_Member(spec, None, None))
                 members[-1].trial = build_trial(spec, store, env, stacked=True)
+                members[-1].rng = torch.get_rng_state()
             together = _Stack(members)
             ids = torch.stack([torch.randperm(n)[:batch] for _ in range(k)])
 
@@ -356,6 +365,7 @@ def _run_stack(unit: list, env: WorkerEnv, started: dict) -> list:
             recorder.started(member.saved, stacked=len(unit), **started)
             try:
                 member.trial = build_trial(spec, store, env, stacked=True)
+                member.rng = torch.get_rng_state()
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - recorded; the unit's other trials go on

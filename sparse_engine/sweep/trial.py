@@ -126,6 +126,7 @@ class Trial:
         self.batch_size, self.epochs = stage["batch_size"], stage["epochs"]
         self.steps_per_epoch = -(-self.x_train.shape[0] // self.batch_size)
         self.epoch, self.history, self.elapsed = 0, [], 0.0
+        self.rng_extra: dict = {}  # more RNG states for its checkpoint (a stacked model's own stream)
         self.eval_every = 0 if self.pretrain else stage["eval_every"]
         seed = self.config["seed"]
         started = time.perf_counter()
@@ -277,7 +278,7 @@ class Trial:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "pruner": self.pruner.state_dict() if self.pruner is not None else None,
-                "rng": capture_rng(self.generator, self.device), "history": list(self.history),
+                "rng": {**capture_rng(self.generator, self.device), **self.rng_extra}, "history": list(self.history),
                 "elapsed_s": self.elapsed, "threads": torch.get_num_threads(), "init": self.init_state,
                 "stacked": self.stacked,
                 **({"snapshots": dict(self.snapshots)} if self.snapshot_steps else {})}
