@@ -159,8 +159,10 @@ def test_errors():
     lstm = lambda: nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
     with pytest.raises(TypeError, match="layer '1' of type LSTM has no stacked version"):
         stack([lstm(), lstm()])
-    with pytest.raises(TypeError, match="layer '0' of type SparseEmbedding has no stacked version"):
-        stack([se.sparsify(nn.Sequential(nn.Embedding(5, 3))) for _ in range(2)])
+    with pytest.raises(TypeError, match="layer '0' of type SparseConv3d has no stacked version"):
+        stack([se.sparsify(nn.Sequential(nn.Conv3d(2, 3, 1))) for _ in range(2)])
+    with pytest.raises(ValueError, match="layer '0': stacking Embedding with max_norm or sparse=True"):
+        stack([se.sparsify(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0))) for _ in range(2)])
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="tied weights"):
@@ -171,3 +173,59 @@ def test_errors():
     with pytest.raises(TypeError, match="stacked: expected a StackedModel"):
         unstack(fashion_mlp())
     assert isinstance(stacked, StackedModel)
+
+
+class Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def sequence_models(scale_grad_by_freq=False):
+    """Embedding (padding_idx 0) -> Conv1d (zero and circular padding, stride, groups) -> Linear, sparse."""
+    models = []
+    for i in range(K):
+        torch.manual_seed(10 + i)
+        m = nn.Sequential(nn.Embedding(11, 6, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq), Transpose(),
+                          nn.Conv1d(6, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv1d(4, 4, 3, stride=2, padding=1, groups=2, padding_mode="circular"),
+                          nn.Flatten(), nn.Linear(4 * 4, 5)).double()
+        models.append(random_masks_(se.sparsify(m)))
+    return models
+
+
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_embedding_and_conv1d_stack_like_separate_models(scale_grad_by_freq):
+    models = sequence_models(scale_grad_by_freq)
+    stacked = stack(models)
+    assert [type(m).__name__ for m in stacked.module][:3] == ["StackedEmbedding", "PerSample", "StackedConv1d"]
+    for m, b in zip(models, unstack(stacked)):
+        assert_models_equal(m, b)
+    idx = torch.randint(0, 11, (K, 5, 7))
+    idx[:, 0, :2] = 0  # padding tokens
+    y = stacked(idx)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    for i, m in enumerate(models):
+        yi = m(idx[i])
+        yi.backward(dy[i])
+        torch.testing.assert_close(y[i], yi, rtol=1e-10, atol=1e-12)
+    for n, p in stacked.named_parameters():
+        for i, m in enumerate(models):
+            mp = m.get_parameter(n.removeprefix("module."))
+            torch.testing.assert_close(p.grad[i], mp.grad, rtol=1e-10, atol=1e-12, msg=n)
+    emb = stacked.module[0]
+    assert (emb.weight.grad[:, 0] == 0).all()  # the padding row
+    assert (emb.weight.grad[~emb.mask] == 0).all()  # pruned entries: exact zeros
+    layer = stacked.module[2]  # load_slice_ is unstacked's inverse
+    layer.load_slice_(1, models[0][2])
+    assert torch.equal(layer.weight[1], models[0][2].weight) and torch.equal(layer.mask[1], models[0][2].mask)
+
+
+def test_compile_fullgraph_of_embedding_and_conv1d():
+    torch._dynamo.reset()
+    eager, compiled = stack(sequence_models()), stack(sequence_models())
+    idx = torch.randint(0, 11, (K, 4, 7))
+    torch.compile(compiled, fullgraph=True, backend="aot_eager")(idx).square().sum().backward()
+    eager(idx).square().sum().backward()
+    for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)

@@ -22,17 +22,19 @@ Containers (``nn.Sequential``, a user's residual block) are kept and run their o
 ``(K, B, ...)`` tensors: element-wise code (``torch.relu(out + shortcut(x))``) works as written.
 A container whose ``forward`` calls functions that assume the batch is dimension 0
 (``torch.flatten(x, 1)``, ``F.adaptive_avg_pool2d``) needs those as modules (``nn.Flatten``,
-``nn.AdaptiveAvgPool2d``), which are stacked. Layers with parameters that have no stacked
-version (Conv1d/3d, ConvTranspose, Embedding, Bilinear, LSTM/GRU/RNN, MultiheadAttention) are
-refused by name.
+``nn.AdaptiveAvgPool2d``), which are stacked. Stacked layers with parameters: Linear, Conv1d (the
+stacked conv2d on height-1 views), Conv2d, Embedding (one lookup in the K masked tables), BatchNorm,
+LayerNorm. Layers with parameters that have no stacked version (Conv3d, ConvTranspose, Bilinear,
+LSTM/GRU/RNN, MultiheadAttention) are refused by name.
 """
 from sparse_engine.ops.stacked_mask import pack_stacked_mask, unpack_stacked_mask
 from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d, stacked_masked_conv2d_ref
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear, stacked_masked_linear_ref
 from sparse_engine.stack.convert import StackedModel, stack, unstack
-from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedConv2d, StackedLayerNorm, StackedLinear,
-                                        StackedMaskedLayer)
+from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedConv1d, StackedConv2d, StackedEmbedding,
+                                        StackedLayerNorm, StackedLinear, StackedMaskedLayer)
 
-__all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv2d", "StackedBatchNorm",
+__all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv1d", "StackedConv2d", "StackedEmbedding",
+           "StackedBatchNorm",
            "StackedLayerNorm", "StackedMaskedLayer", "PerSample", "stacked_masked_linear", "stacked_masked_linear_ref",
            "stacked_masked_conv2d", "stacked_masked_conv2d_ref", "pack_stacked_mask", "unpack_stacked_mask"]

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sparse_engine.stack.layers import PerSample, StackedLayer, StackedMaskedLayer, stacked_type
 
-_SUPPORTED = "Linear, Conv2d (and their sparse versions), BatchNorm1d/2d/3d, LayerNorm"
+_SUPPORTED = "Linear, Conv1d, Conv2d, Embedding (and their sparse versions), BatchNorm1d/2d/3d, LayerNorm"
 
 
 class StackedModel(nn.Module):
@@ -81,13 +81,14 @@ def _tensors(model: nn.Module) -> dict:
 
 def check_stackable(model: nn.Module, argument: str = "model") -> None:
     """Raise the error ``stack`` gives for ``model``'s architecture: a TypeError naming the first layer with
-    Parameters or buffers that has no stacked version, a ValueError for BatchNorm with ``momentum=None``."""
+    Parameters or buffers that has no stacked version, a ValueError for a layer whose options have none
+    (``StackedLayer.unsupported``: BatchNorm with ``momentum=None``, Embedding with ``max_norm``)."""
     for name, module in model.named_modules():
-        if stacked_type(module) is not None:
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats \
-                    and module.momentum is None:
-                raise ValueError(f"{argument}: layer {name!r}: stacking BatchNorm with momentum=None (cumulative "
-                                 "averages) is not supported; use a float momentum")
+        cls = stacked_type(module)
+        if cls is not None:
+            reason = cls.unsupported(module)
+            if reason is not None:
+                raise ValueError(f"{argument}: layer {name!r}: {reason}")
         elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
             raise TypeError(f"{argument}: layer {name or '(the model)'!r} of type {type(module).__name__} has no "
                             f"stacked version (supported layers with parameters: {_SUPPORTED})")

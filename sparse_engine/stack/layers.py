@@ -18,7 +18,10 @@ from sparse_engine.nn.conversion import convert_module
 from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparse_conv2d import SparseConv2d, explicit_padding
 from sparse_engine.nn.sparse_linear import SparseLinear
-from sparse_engine.ops.stacked_mask import pack_stacked_mask, stacked_packed_shape, unpack_stacked_mask
+from sparse_engine.nn.sparse_conv import SparseConv1d
+from sparse_engine.nn.sparse_embedding import SparseEmbedding
+from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, stacked_packed_shape,
+                                            unpack_stacked_mask)
 from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear
 
@@ -46,7 +49,15 @@ class StackedLayer(nn.Module):
 
     @classmethod
     def from_modules(cls, modules: Sequence[nn.Module]) -> "StackedLayer":
+        reason = cls.unsupported(modules[0])
+        if reason is not None:
+            raise ValueError(f"modules: {reason}")
         return cls(modules)
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        """Why ``module``'s options have no stacked version (None: they do)."""
+        return None
 
     @torch.no_grad()
     def unstacked(self, i: int) -> nn.Module:
@@ -162,6 +173,52 @@ class StackedConv2d(StackedMaskedLayer):
                 f"kernel_size={tuple(self.kernel_size)}, stride={self.stride}, padding={self.padding}")
 
 
+class StackedConv1d(StackedConv2d):
+    """S masked ``nn.Conv1d`` layers: ``weight (S, Co, C/g, k)``; input ``(S, B, C, L)``. Runs the stacked
+    conv2d on height-1 views (a ``(Co, C/g, k)`` weight and its ``(Co, C/g, 1, k)`` view share a packed mask)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x: expected shape (num_models, B, C, L), got {tuple(x.shape)}")
+        s, b = x.shape[:2]
+        flat, padding = explicit_padding(self, x.flatten(0, 1))
+        y = stacked_masked_conv2d(flat.unflatten(0, (s, b)).unsqueeze(-2), self.weight.unsqueeze(-2), self.mask_bits,
+                                  self.bias, (1, self.stride[0]), (0, padding[0]), (1, self.dilation[0]), self.groups)
+        return y.squeeze(-2)
+
+
+class StackedEmbedding(StackedMaskedLayer):
+    """S masked ``nn.Embedding`` tables: ``weight (S, V, D)``; indices ``(S, ...)``, model s looking up in table
+    s. One lookup in the ``(S*V, D)`` masked tables (indices offset by ``s*V``); the gradient is exactly zero at
+    pruned entries and at ``padding_idx`` rows, and ``scale_grad_by_freq`` counts per model (the offset indices
+    differ between models). ``max_norm`` (renormalises rows in place) and ``sparse=True`` have no stacked version."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(modules)
+        emb = modules[0]
+        self.padding_idx, self.scale_grad_by_freq = emb.padding_idx, emb.scale_grad_by_freq
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        if module.max_norm is not None or module.sparse:
+            return "stacking Embedding with max_norm or sparse=True is not supported"
+        return None
+
+    def forward(self, indices: Tensor) -> Tensor:
+        s, v = self.weight.shape[:2]
+        if indices.dim() < 1 or indices.shape[0] != s:
+            raise ValueError(f"indices: expected shape ({s}, ...) with the model axis first, got {tuple(indices.shape)}")
+        table = apply_stacked_mask(self.weight, self.mask_bits).view(s * v, -1)
+        offset = (torch.arange(s, device=indices.device) * v).view(s, *([1] * (indices.dim() - 1)))
+        out = F.embedding(indices + offset, table, None, None, 2.0, self.scale_grad_by_freq)
+        if self.padding_idx is not None:  # no gradient into the padding rows, as nn.Embedding
+            out = torch.where((indices == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_models={self.num_models}, {self.weight.shape[1]}, {self.weight.shape[2]}"
+
+
 class StackedBatchNorm(StackedLayer):
     """S ``nn.BatchNorm1d/2d/3d`` layers with per-model affine parameters and running statistics.
 
@@ -173,11 +230,14 @@ class StackedBatchNorm(StackedLayer):
     def __init__(self, modules: Sequence[nn.Module]):
         super().__init__(modules)
         bn = modules[0]
-        if bn.track_running_stats and bn.momentum is None:
-            raise ValueError("modules: stacking BatchNorm with momentum=None (cumulative averages) is not supported; "
-                             "use a float momentum")
         self.eps, self.momentum = bn.eps, bn.momentum
         self.track_running_stats = bn.track_running_stats
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        if module.track_running_stats and module.momentum is None:
+            return "stacking BatchNorm with momentum=None (cumulative averages) is not supported; use a float momentum"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.num_models
@@ -247,6 +307,10 @@ def stacked_type(module: nn.Module) -> Optional[type]:
         return StackedLinear
     if isinstance(module, nn.Conv2d) and type(module).forward in (nn.Conv2d.forward, SparseConv2d.forward):
         return StackedConv2d
+    if isinstance(module, nn.Conv1d) and type(module).forward in (nn.Conv1d.forward, SparseConv1d.forward):
+        return StackedConv1d
+    if isinstance(module, nn.Embedding) and type(module).forward in (nn.Embedding.forward, SparseEmbedding.forward):
+        return StackedEmbedding
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
         return StackedBatchNorm
     if type(module) is nn.LayerNorm:
