@@ -53,6 +53,17 @@ def make_models(name, sparse=True, dtype=torch.float64):
     return models
 
 
+def backward_like_separate_models(y, models, x):
+    """Backpropagate a random dy through the stacked output ``y`` and through each model on its input ``x[i]``;
+    the outputs must match."""
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    for i, m in enumerate(models):
+        yi = m(x[i])
+        yi.backward(dy[i])
+        torch.testing.assert_close(y[i], yi, rtol=1e-10, atol=1e-12)
+
+
 def assert_models_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -97,12 +108,7 @@ def test_train_step_equals_separate_models(name, per_model_batches):
     if not per_model_batches:
         x = x[0].expand(K, *x.shape[1:])
     y = stacked(x) if per_model_batches else stacked(x[0], broadcast=True)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    for i, m in enumerate(models):
-        yi = m(x[i])
-        yi.backward(dy[i])
-        torch.testing.assert_close(y[i], yi, rtol=1e-10, atol=1e-12)
+    backward_like_separate_models(y, models, x)
     back = unstack(stacked)
     for i, (m, b) in enumerate(zip(models, back)):  # running statistics updated per model
         for (n, t), (_, u) in zip(m.named_buffers(), b.named_buffers()):
@@ -202,13 +208,7 @@ def test_embedding_and_conv1d_stack_like_separate_models(scale_grad_by_freq):
         assert_models_equal(m, b)
     idx = torch.randint(0, 11, (K, 5, 7))
     idx[:, 0, :2] = 0  # padding tokens
-    y = stacked(idx)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    for i, m in enumerate(models):
-        yi = m(idx[i])
-        yi.backward(dy[i])
-        torch.testing.assert_close(y[i], yi, rtol=1e-10, atol=1e-12)
+    backward_like_separate_models(stacked(idx), models, idx)
     for n, p in stacked.named_parameters():
         for i, m in enumerate(models):
             mp = m.get_parameter(n.removeprefix("module."))

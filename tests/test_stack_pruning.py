@@ -42,6 +42,17 @@ def train(model_or_stack, opt, pruner, batches, stacked):
             pruner.on_epoch_end()
 
 
+def distinct_models(name, k, seed):
+    """k dense-masked sparse models of ``name`` with distinct weights (make_models repeats its K seeds)."""
+    models = [se.sparsify(m) for m in (make_models(name, sparse=False) + make_models(name, sparse=False))[:k]]
+    for i, m in enumerate(models):
+        torch.manual_seed(seed + i)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+    return models
+
+
 def batches_for(name, k):
     g = torch.Generator().manual_seed(7)
     return [(torch.randn(k, 6, *SHAPES[name], generator=g, dtype=torch.float64),
@@ -53,12 +64,7 @@ def batches_for(name, k):
                          ids=["oneshot-gmp-imp-imprewind", "cyclical-fggp-gmp-erk"])
 def test_stacked_pruning_equals_separate_runs(methods, monkeypatch):
     k = len(methods)
-    models = [se.sparsify(m) for m in (make_models("resnet", sparse=False) + make_models("resnet", sparse=False))[:k]]
-    for i, m in enumerate(models):  # distinct weights for every model (make_models repeats its seeds)
-        torch.manual_seed(50 + i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
+    models = distinct_models("resnet", k, seed=50)
     stacked = stack(models)
     batches = batches_for("resnet", k)
 
@@ -142,12 +148,7 @@ def test_random_methods_with_rng_streams_equal_separate_runs():
         lambda m, o: RigL(m, o, 0.6, STEPS, loss_fn=F.cross_entropy, data=(x0, y0), delta_t=2, allocation="erk"),
     ]
     k = len(methods)
-    models = [se.sparsify(m) for m in (make_models("mlp", sparse=False) + make_models("mlp", sparse=False))[:k]]
-    for i, m in enumerate(models):
-        torch.manual_seed(70 + i)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
+    models = distinct_models("mlp", k, seed=70)
     stacked = stack(models)
     batches = batches_for("mlp", k)
     separate = []
