@@ -280,13 +280,19 @@ class StackedPruners:
         for i, g in enumerate(self.optimizer.param_groups):
             g["lr"] = torch.tensor([o.param_groups[i]["lr"] for o in self.stand_ins], dtype=torch.float64)
 
-    def _sync_grads(self) -> None:
-        for view in self.views:
-            view.zero_grad(set_to_none=True)
-        for name, p in self.stacked.module.named_parameters():
-            if p.grad is not None:
-                for k, view in enumerate(self.views):
-                    view.get_parameter(name).grad = p.grad[k]
+    def _param_views(self) -> list:
+        """``[(stacked parameter, [its view in model k for every k])]``, built once."""
+        if not hasattr(self, "_views_of"):
+            self._views_of = [(p, [view.get_parameter(name) for view in self.views])
+                              for name, p in self.stacked.module.named_parameters()]
+        return self._views_of
+
+    def _sync_grads(self, clear: bool = False) -> None:
+        """The views' gradients: model k's slices of the stack's (None with ``clear``)."""
+        for p, views in self._param_views():
+            g = None if clear else p.grad
+            for k, v in enumerate(views):
+                v.grad = None if g is None else g[k]
 
     def _versions(self) -> list[int]:
         if not hasattr(self, "_view_layers"):
@@ -355,8 +361,7 @@ class StackedPruners:
                     if outer is not None:
                         torch.set_rng_state(outer)
         self.select_calls += batch.calls
-        for view in self.views:
-            view.zero_grad(set_to_none=True)
+        self._sync_grads(clear=True)
         self._clear_state_if_cleared([sentinel] * k_models)
         self._lrs_from_stand_ins()
         after = self._versions()
