@@ -244,3 +244,17 @@ def test_auto_caps_the_stack_by_memory(tmp_path, data, monkeypatch):
     assert run_stacked(h.tiny_sweep_text(data), tmp_path, stack="auto")["done"] == 10
     sizes = sorted(e["stacked"] for e in h.events(tmp_path) if e["event"] == "started" and "stacked" in e)
     assert sizes == [2, 2, 3, 3, 3, 3, 3, 3]
+
+
+@pytest.mark.gpu
+def test_stacked_sweep_on_cuda_matches_trials_alone(tmp_path, data):
+    """On a GPU: the stacked kernels (Triton, one launch over the models), the memory probe of stack="auto"
+    and the per-model streams, against the same trials run alone on CUDA."""
+    text = h.tiny_sweep_text(data).replace('device = "cpu"', 'device = "cuda"')
+    h.run_here(text, tmp_path / "alone")
+    assert run_stacked(text, tmp_path / "stacked", stack=4)["failed"] == 0
+    assert_close_results(records(tmp_path / "stacked"), records(tmp_path / "alone"), tmp_path / "stacked",
+                         tmp_path / "alone")
+    assert run_stacked(text, tmp_path / "auto", stack="auto")["failed"] == 0
+    probes = [e["stack_probe"] for e in h.events(tmp_path / "auto") if e["event"] == "started" and "stack_probe" in e]
+    assert probes and probes[0]["memory_cap"] >= 1 and probes[0]["alone_ms"] > 0
