@@ -258,3 +258,18 @@ def test_stacked_sweep_on_cuda_matches_trials_alone(tmp_path, data):
     assert run_stacked(text, tmp_path / "auto", stack="auto")["failed"] == 0
     probes = [e["stack_probe"] for e in h.events(tmp_path / "auto") if e["event"] == "started" and "stack_probe" in e]
     assert probes and probes[0]["memory_cap"] >= 1 and probes[0]["alone_ms"] > 0
+
+
+def test_a_probe_that_fails_runs_the_trials_one_at_a_time(tmp_path, tmp_path_factory, data, monkeypatch):
+    from sparse_engine.sweep import stacked
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory (a test)")
+    monkeypatch.setattr(stacked, "probe", out_of_memory)
+    monkeypatch.setattr(stacked, "_decisions", {})
+    text = h.tiny_sweep_text(data)
+    assert run_stacked(text, tmp_path, stack="auto")["done"] == 10
+    h.assert_same_results(tmp_path, h.baseline(tmp_path_factory, text, "two-methods"))
+    started = [e for e in h.events(tmp_path) if e["event"] == "started" and "stack_probe" in e]
+    assert len(started) == 8 and all("stacked" not in e for e in started)
+    assert started[0]["stack_probe"] == {"k": 1, "probe_error": "RuntimeError: out of memory (a test)"}

@@ -207,7 +207,8 @@ class StackedEmbedding(StackedMaskedLayer):
     def forward(self, indices: Tensor) -> Tensor:
         s, v = self.weight.shape[:2]
         if indices.dim() < 1 or indices.shape[0] != s:
-            raise ValueError(f"indices: expected shape ({s}, ...) with the model axis first, got {tuple(indices.shape)}")
+            raise ValueError(f"indices: expected shape ({s}, ...) with the model axis first, got "
+                             f"{tuple(indices.shape)}")
         table = apply_stacked_mask(self.weight, self.mask_bits).view(s * v, -1)
         offset = (torch.arange(s, device=indices.device) * v).view(s, *([1] * (indices.dim() - 1)))
         out = F.embedding(indices + offset, table, None, None, 2.0, self.scale_grad_by_freq)

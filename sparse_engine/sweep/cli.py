@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="concurrent trials (default: 1 on CPU, one per GPU; 0: in this process, no pool)")
     run.add_argument("--threads", type=int, help="torch threads per worker (default: the cores split)")
     run.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 1)")
-    run.add_argument("--stack", type=stack_arg, metavar="K", help="train up to K prune trials of one architecture, data "
-                     "and budget as one stacked model (default 1: one at a time; auto: as many as fit, where it "
-                     "measures faster)")
+    run.add_argument("--stack", type=stack_arg, metavar="K",
+                     help="train up to K prune trials of one architecture, data and budget as one stacked model "
+                          "(default 1: one at a time; auto: as many as fit, where it measures faster)")
     run.add_argument("--address", help="ray: cluster address (default: start a local Ray instance)")
     run.add_argument("--gpus-per-trial", type=float, help="ray: GPUs per trial (fractions allowed)")
     run.add_argument("--ray-num-cpus", type=int, help="ray: CPUs of the local Ray instance")

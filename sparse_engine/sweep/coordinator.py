@@ -153,7 +153,8 @@ class Sweep:
         store_failure = None
         pool.start(env)
         try:
-            journal.append({"event": "run", "settings": {**pool.settings, "stack": run["stack"]}, "todo": len(todo), "pid": os.getpid()})
+            journal.append({"event": "run", "settings": {**pool.settings, "stack": run["stack"]}, "todo": len(todo),
+                            "pid": os.getpid()})
             waiting, in_flight, busy_until = list(todo), set(), {}
             while waiting or in_flight:
                 # One query per round (not one per waiting trial: sweeps have hundreds).

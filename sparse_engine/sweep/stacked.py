@@ -23,9 +23,12 @@ checkpoint, and recorded through its own ``TrialRecorder``. Then:
 
 A trial whose training loss is not finite, or whose pruner or metrics raise, is recorded failed; its
 model stays in the stack (every stacked op is per model, so its NaNs cannot reach the others) but is
-no longer pruned, measured or recorded. A unit whose architecture cannot be stacked (``stack.check_stackable``) runs one trial at a
-time. Results equal the trials' results alone up to float rounding (the stacked kernels sum in
-another order): the same masks where no score ties within that rounding.
+no longer pruned, measured or recorded. A unit whose architecture cannot be stacked
+(``stack.check_stackable``) runs one trial at a time. Results equal the trials' results alone up to
+float rounding (the stacked kernels sum in another order): the same masks where no score ties within
+that rounding. Each model's pruner draws from the trial's own torch RNG stream (``StackedPruners``'
+``rng_streams``, checkpointed with the trial); random ops of the model's forward (dropout) draw from
+the stack's own stream.
 """
 import random
 import time
@@ -343,12 +346,17 @@ def run_stacked(unit: list, env: WorkerEnv) -> list:
     key = unit[0].group_key()
     fresh = [spec for spec in unit if modes[spec.id] is None]
     if len(fresh) > 1 and key not in _decisions:
-        _decisions[key] = probe(fresh, store, env)
+        try:
+            _decisions[key] = probe(fresh, store, env)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: one at a time (each trial's errors its own)
+            _decisions[key] = {"k": 1, "probe_error": f"{type(e).__name__}: {e}"}
+            if torch.device(env.device).type == "cuda":
+                torch.cuda.empty_cache()
     decision = _decisions.get(key, {"k": len(unit)})
     alone = [spec for spec in unit if modes[spec.id] is False or (modes[spec.id] is None and decision["k"] < 2)]
     together = [spec for spec in unit if spec not in alone]
     outcomes = {o["trial"]: o for o in run_trials_one_by_one(alone, env, stack_probe=decision)}
-    size = max(decision["k"], 2)
+    size = decision["k"] if decision["k"] >= 2 else max(len(together), 1)  # resumed stacked trials: together again
     for i in range(0, len(together), size):
         outcomes.update((o["trial"], o) for o in _run_stack(together[i:i + size], env, {"stack_probe": decision}))
     return [outcomes[spec.id] for spec in unit]
@@ -361,7 +369,8 @@ def _run_stack(unit: list, env: WorkerEnv, started: dict) -> list:
         for spec in unit:
             lock = store.trial_lock(spec.id)
             if not lock.acquire():
-                outcomes[spec.id] = {"trial": spec.id, "state": "busy", "error": "another process is running this trial"}
+                outcomes[spec.id] = {"trial": spec.id, "state": "busy",
+                                     "error": "another process is running this trial"}
                 continue
             locks.append(lock)
             recorder = TrialRecorder(store, spec, env)

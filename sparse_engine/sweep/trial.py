@@ -164,7 +164,8 @@ class Trial:
         self.optimizer = make_optimizer(self.model.parameters(), train["optimizer"])
         mask_optimizer(self.optimizer, self.model)
         bn = train["bn_recalibration"]
-        self._bn_data = None if bn is None else list(self.x_train[:bn["images"]].to(self.device).split(bn["batch_size"]))
+        self._bn_data = None if bn is None else \
+            list(self.x_train[:bn["images"]].to(self.device).split(bn["batch_size"]))
         self._parent_extras = parent_state or {}
         if not self.stacked:
             self.scheduler = self.make_scheduler(self.optimizer)
