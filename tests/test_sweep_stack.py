@@ -59,8 +59,8 @@ def test_stacked_sweep_gives_the_results_of_trials_run_alone(tmp_path, tmp_path_
     assert (status["done"], status["failed"]) == (10, 0)
     assert_close_results(records(tmp_path), records(reference), tmp_path, reference)
     started = [e for e in h.events(tmp_path) if e["event"] == "started"]
-    # 8 pruning trials in stacks of 3, 3 and 2; the parents alone
-    assert sorted(e.get("stacked", 1) for e in started) == [1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
+    # the 2 dense parents (seeds 0 and 1) in one stack; 8 pruning trials in stacks of 3, 3 and 2
+    assert sorted(e.get("stacked", 1) for e in started) == [2, 2, 2, 2, 3, 3, 3, 3, 3, 3]
     run = [e for e in h.events(tmp_path) if e["event"] == "run"][-1]
     assert run["settings"]["stack"] == 3
     for r in records(tmp_path).values():  # every trial recorded as its own
@@ -200,7 +200,8 @@ def test_random_methods_in_a_stack_draw_what_they_draw_alone(tmp_path, data):
     status = run_stacked(text, tmp_path / "stacked", stack=16)
     assert status["failed"] == 0
     started = [e for e in h.events(tmp_path / "stacked") if e["event"] == "started" and "stacked" in e]
-    assert len(started) == 12  # pruned from a parent or at initialisation: all in one stack
+    # the 2 parents in one stack; the 12 pruning trials, from a parent or at initialisation, in another
+    assert sorted(e["stacked"] for e in started) == [2, 2] + [12] * 12
     assert_close_results(records(tmp_path / "stacked"), records(tmp_path / "alone"), tmp_path / "stacked",
                          tmp_path / "alone")
 
@@ -224,15 +225,18 @@ def test_auto_stacks_only_where_the_probe_measures_it_faster(tmp_path, tmp_path_
     assert run_stacked(text, tmp_path / "never", stack="auto")["done"] == 10
     h.assert_same_results(tmp_path / "never", reference)
     started = [e for e in h.events(tmp_path / "never") if e["event"] == "started" and "stack_probe" in e]
-    assert len(started) == 8 and all(e["stack_probe"]["k"] == 1 and "stacked" not in e for e in started)
-    probe = started[0]["stack_probe"]
-    assert probe["probed"] == 8 and probe["memory_cap"] >= 8 and probe["alone_ms"] > 0 and probe["stacked_ms"] > 0
+    assert len(started) == 10 and all(e["stack_probe"]["k"] == 1 and "stacked" not in e for e in started)
+    probed = sorted(e["stack_probe"]["probed"] for e in started)  # the 2 parents, then the 8 pruning trials
+    assert probed == [2, 2] + [8] * 8
+    probe = started[-1]["stack_probe"]
+    assert probe["memory_cap"] >= 8 and probe["alone_ms"] > 0 and probe["stacked_ms"] > 0
     monkeypatch.setattr(stacked, "FASTER", float("inf"))  # always: all 8 in one stack
     monkeypatch.setattr(stacked, "_decisions", {})
     assert run_stacked(text, tmp_path / "always", stack="auto")["done"] == 10
     assert_close_results(records(tmp_path / "always"), records(reference), tmp_path / "always", reference)
     started = [e for e in h.events(tmp_path / "always") if e["event"] == "started" and "stack_probe" in e]
-    assert len(started) == 8 and all(e["stacked"] == 8 and e["stack_probe"]["k"] == 8 for e in started)
+    assert sorted(e["stacked"] for e in started) == [2, 2] + [8] * 8
+    assert all(e["stack_probe"]["k"] == e["stacked"] for e in started)
 
 
 def test_auto_caps_the_stack_by_memory(tmp_path, data, monkeypatch):
@@ -243,7 +247,7 @@ def test_auto_caps_the_stack_by_memory(tmp_path, data, monkeypatch):
     monkeypatch.setattr(stacked, "_model_bytes", lambda trial, xb: 10 ** 9)  # 3 models fit
     assert run_stacked(h.tiny_sweep_text(data), tmp_path, stack="auto")["done"] == 10
     sizes = sorted(e["stacked"] for e in h.events(tmp_path) if e["event"] == "started" and "stacked" in e)
-    assert sizes == [2, 2, 3, 3, 3, 3, 3, 3]
+    assert sizes == [2, 2] + [2, 2, 3, 3, 3, 3, 3, 3]  # the parents, then the pruning trials
 
 
 @pytest.mark.gpu
@@ -271,5 +275,25 @@ def test_a_probe_that_fails_runs_the_trials_one_at_a_time(tmp_path, tmp_path_fac
     assert run_stacked(text, tmp_path, stack="auto")["done"] == 10
     h.assert_same_results(tmp_path, h.baseline(tmp_path_factory, text, "two-methods"))
     started = [e for e in h.events(tmp_path) if e["event"] == "started" and "stack_probe" in e]
-    assert len(started) == 8 and all("stacked" not in e for e in started)
+    assert len(started) == 10 and all("stacked" not in e for e in started)
     assert started[0]["stack_probe"] == {"k": 1, "probe_error": "RuntimeError: out of memory (a test)"}
+
+
+def test_stacked_parents_keep_the_snapshots_their_tickets_rewind_to(tmp_path, data):
+    """Dense parents stack too (seeds 0 and 1); a lottery ticket rewinding to step 2 gets the snapshot its
+    parent kept after step 2 in the stack, as alone."""
+    methods = '[methods.ticket]\nname = "lottery"\nrewind_step = 2\n[methods.one-shot]\nname = "one_shot"\n'
+    text = h.tiny_sweep_text(data, methods)
+    h.run_here(text, tmp_path / "alone")
+    assert run_stacked(text, tmp_path / "stacked", stack=8)["failed"] == 0
+    got, want = records(tmp_path / "stacked"), records(tmp_path / "alone")
+    assert_close_results(got, want, tmp_path / "stacked", tmp_path / "alone")
+    for trial, r in want.items():
+        if r["kind"] == "pretrain":
+            mine = load_torch(tmp_path / "stacked" / "trials" / trial / "model.pt")
+            theirs = load_torch(tmp_path / "alone" / "trials" / trial / "model.pt")
+            assert mine["snapshots"].keys() == theirs["snapshots"].keys() == {2}
+            for k, v in theirs["snapshots"][2].items():
+                torch.testing.assert_close(mine["snapshots"][2][k], v, rtol=1e-4, atol=1e-5)
+            for k, v in theirs["init"].items():
+                assert torch.equal(mine["init"][k], v), k

@@ -80,17 +80,16 @@ class TrialSpec:
         return self.config["pretrain"]["epochs"] if self.kind == "pretrain" else self.config["train"]["epochs"]
 
     def group_key(self) -> str:
-        """Trials with equal keys can be trained as one stacked model (``sweep/stacked.py``): prune
-        trials that share architecture, data, batch size, step count and device, with optimizers that
-        differ at most in learning rate and weight decay (the stacked optimizers' per-model
-        hyperparameters), of a method that can run in a stack (``Method.stackable``). Any other
-        trial's key is its own (it runs alone)."""
-        if self.kind != "prune":
-            return self.id
-        method = lookup_method(self.config["method"]["name"])
-        if method.stackable is None or not method.stackable(self.config):
-            return self.id
-        stage = self.config["train"]
+        """Trials with equal keys can be trained as one stacked model (``sweep/stacked.py``): trials of
+        one kind (dense parents, or pruning trials of a method that can run in a stack:
+        ``Method.stackable``) that share architecture, data, batch size, step count and device, with
+        optimizers that differ at most in learning rate and weight decay (the stacked optimizers'
+        per-model hyperparameters). Any other trial's key is its own (it runs alone)."""
+        if self.kind == "prune":
+            method = lookup_method(self.config["method"]["name"])
+            if method.stackable is None or not method.stackable(self.config):
+                return self.id
+        stage = self.config["pretrain" if self.kind == "pretrain" else "train"]
         shared = {k: v for k, v in stage["optimizer"].items() if k not in ("lr", "weight_decay")}
         return canonical_json([self.kind, self.config["model"], self.config["data"], stage["batch_size"],
                                stage["epochs"], self.config["device"], shared])

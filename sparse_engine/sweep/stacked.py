@@ -1,14 +1,17 @@
-"""Stacked units: K prune trials of one group trained as one stacked model (``sparse_engine.stack``).
+"""Stacked units: K trials of one group (dense parents, or pruning trials) trained as one stacked model
+(``sparse_engine.stack``).
 
 :func:`run_stacked` is ``runner.UNIT_RUNNERS``' entry for units of two or more trials (the
 coordinator packs them with ``--stack K``; ``TrialSpec.group_key`` says which trials may share a
-stack). Each trial is built as it would be alone (``Trial(..., stacked=True)``: its data, its sparse
-model loaded from its parent, its optimizer; not its pruner or LR schedule), resumed from its own
-checkpoint, and recorded through its own ``TrialRecorder``. Then:
+stack). Each trial is built as it would be alone (``Trial(..., stacked=True)``: its data, its model
+(a parent's initialised from its seed, a pruning trial's sparse model loaded from its parent), its
+optimizer; not its pruner or LR schedule), resumed from its own checkpoint, and recorded through its
+own ``TrialRecorder``. Then:
 
 * the K models become one ``StackedModel``, trained by ``StackedSGD``/``StackedAdamW`` with each
   trial's learning rate and weight decay, under ``mask_stacked_optimizer``;
-* each trial's LR schedule runs on its own stand-in optimizer (``PerModelLR``), and its pruner is
+* each trial's LR schedule runs on its own stand-in optimizer (``PerModelLR``), a parent keeps its
+  model's snapshots at its ``snapshot_steps``, and a pruning trial's pruner is
   built by its own method on its model's view of the stack (``StackedPruners``: the masks every
   model selects at a step come from one ``topk_mask`` call);
 * at every step model k trains on the batch its own shuffling generator draws, as alone: the
@@ -42,6 +45,7 @@ from sparse_engine.stack import stack
 from sparse_engine.stack.convert import check_stackable
 from sparse_engine.stack.layers import StackedLayer
 from sparse_engine.stack.optim import PerModelLR, StackedAdamW, StackedSGD, mask_stacked_optimizer
+from sparse_engine.pruning.methods.lottery import snapshot
 from sparse_engine.stack.pruning import StackedPruners
 from sparse_engine.sweep import components
 from sparse_engine.sweep.journal import StoreError
@@ -94,7 +98,8 @@ class _Stack:
         self.device = trials[0].device
         self.model = stack([t.model for t in trials])
         self.layers = [(n, m) for n, m in self.model.module.named_modules() if isinstance(m, StackedLayer)]
-        self.optimizer = stacked_optimizer(self.model, [t.config["train"]["optimizer"] for t in trials])
+        self.optimizer = stacked_optimizer(self.model, [t.config["pretrain" if t.pretrain else "train"]["optimizer"]
+                                                        for t in trials])
         mask_stacked_optimizer(self.optimizer, self.model)
         self.lrs = PerModelLR(self.optimizer, [t.make_scheduler for t in trials])
         self.pruners = StackedPruners(self.model, self.optimizer, [t.make_pruner for t in trials],
@@ -129,7 +134,8 @@ class _Stack:
         self.pruners.streams[k] = torch.get_rng_state()  # the model's own stream, as checkpointed
         for name, layer in self.layers:
             layer.load_slice_(k, trial.model.get_submodule(name))
-        self.pruners.pruners[k].load_state_dict(saved["pruner"])
+        if saved["pruner"] is not None:
+            self.pruners.pruners[k].load_state_dict(saved["pruner"])
         self.lrs.load_model_state(k, saved["scheduler"], [g["lr"] for g in trial.optimizer.param_groups])
         for p, name in self.names:
             for key, value in trial.optimizer.state.get(trial.model.get_parameter(name), {}).items():
@@ -149,7 +155,9 @@ class _Stack:
         """Model k's weights, masks, buffers, optimizer state and learning rate into its ``Trial``."""
         trial = self.members[k].trial
         for name, layer in self.layers:
-            trial.model.get_submodule(name).load_state_dict(layer.unstacked(k).state_dict())
+            target = trial.model.get_submodule(name)
+            keys = target.state_dict().keys()  # a dense layer (a parent's) takes no mask
+            target.load_state_dict({key: v for key, v in layer.unstacked(k).state_dict().items() if key in keys})
         for p, name in self.names:
             single = trial.model.get_parameter(name)
             state = self.optimizer.state.get(p)
@@ -159,7 +167,8 @@ class _Stack:
                 trial.optimizer.state.pop(single, None)
         for g, sg in zip(trial.optimizer.param_groups, self.optimizer.param_groups):
             g["lr"] = float(sg["lr"][k])
-        trial.scheduler, trial.pruner = self.lrs.schedulers[k], self.pruners.pruners[k]
+        trial.scheduler = self.lrs.schedulers[k]
+        trial.pruner = None if trial.pretrain else self.pruners.pruners[k]
 
     def _check_pruners(self) -> None:
         for k, error in list(self.pruners.failed.items()):
@@ -174,6 +183,8 @@ class _Stack:
         trials = [m.trial for m in self.members]
         n, batch = trials[0].x_train.shape[0], trials[0].batch_size
         orders = [torch.randperm(n, generator=t.generator) for t in trials]
+        for t in trials:  # a parent's snapshot steps count from the epoch's first
+            t._step = t.epoch * t.steps_per_epoch
         self.model.train()
         totals, count = torch.zeros(len(trials), dtype=torch.float64), 0
         for i in range(0, n, batch):
@@ -195,6 +206,12 @@ class _Stack:
         self.optimizer.step()
         self.lrs.step()
         self.pruners.step()
+        for k, m in self.active:
+            if m.trial.snapshot_steps:  # a parent keeps its model after the steps its tickets rewind to
+                m.trial._step += 1
+                if m.trial._step in m.trial.snapshot_steps:
+                    self.copy_out(k)
+                    m.trial.snapshots[m.trial._step] = snapshot(m.trial.model)
         return losses.detach().to("cpu", torch.float64)
 
     def run(self) -> None:
@@ -314,8 +331,8 @@ def probe(specs: list, store: Store, env: WorkerEnv) -> dict:
 
             def one_by_one():
                 for i in ids:
-                    train_step(alone.model, alone.optimizer, alone.x_train[i].to(device),
-                               alone.y_train[i].to(device), alone.scheduler, alone.pruner.step)
+                    train_step(alone.model, alone.optimizer, alone.x_train[i].to(device), alone.y_train[i].to(device),
+                               alone.scheduler, alone.pruner.step if alone.pruner is not None else None)
 
             ms = _fastest_ms({"alone": one_by_one, "stacked": lambda: together.step(ids)}, device)
     finally:

@@ -103,6 +103,20 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2 ** 32)
 
 
+class NoPruning:
+    """A dense parent's pruner in a stack of parents (``sweep/stacked.py``): no step selects masks."""
+    step_count = 0
+
+    def step_selects(self, t: int) -> bool:
+        return False
+
+    def step(self) -> bool:
+        return False
+
+    def on_epoch_end(self) -> bool:
+        return False
+
+
 class Trial:
     """One trial's training state (module docstring).
 
@@ -111,7 +125,7 @@ class Trial:
         device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         parent_state: the parent's ``model.pt`` contents (``{"model": state_dict, "init": ...}``)
             for prune trials that start from a parent.
-        stacked: a prune trial trained inside a stacked model (``sweep/stacked.py``): its model and
+        stacked: a trial trained inside a stacked model (``sweep/stacked.py``): its model and
             optimizer are built, its LR schedule and pruner are not (the stack builds them, with
             ``make_scheduler`` and ``make_pruner``, on its per-model views).
     """
@@ -142,10 +156,8 @@ class Trial:
             self.model = model.to(self.device)
             self.init_state = snapshot(self.model)
             self.optimizer = make_optimizer(self.model.parameters(), stage["optimizer"])
-            lrs = pretrain_lrs(stage, self.epochs * self.steps_per_epoch)
-            top = stage["optimizer"]["lr"]
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                               lambda t: lrs[min(t, len(lrs) - 1)] / top)
+            if not stacked:
+                self.scheduler = self.make_scheduler(self.optimizer)
         else:
             self._build_pruning(model, stage, parent_state)
         self.setup_s = time.perf_counter() - started
@@ -185,8 +197,12 @@ class Trial:
                              self._parent_extras.get("snapshots"))
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
-        """The trial's retraining LR schedule on ``optimizer``, or None (a constant LR, or a method
-        that schedules the LR itself)."""
+        """The trial's LR schedule on ``optimizer``: a parent's pretraining schedule, or a pruning trial's
+        retraining one; None for a constant LR or a method that schedules the LR itself."""
+        if self.pretrain:
+            stage = self.config["pretrain"]
+            lrs, top = pretrain_lrs(stage, self.epochs * self.steps_per_epoch), stage["optimizer"]["lr"]
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lrs[min(t, len(lrs) - 1)] / top)
         schedule = self.config["train"]["lr_schedule"]
         if self.method.owns_lr or schedule == "constant":
             return None
@@ -194,6 +210,9 @@ class Trial:
         return retrain_lr_schedule(schedule, optimizer, ctx.total_steps, **ctx.lr_options())
 
     def make_pruner(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """The trial's pruner on ``model`` and ``optimizer``; a parent prunes nothing (``NoPruning``)."""
+        if self.pretrain:
+            return NoPruning()
         return self.method.build(self.method_context(model, optimizer), **self.config["method"]["options"])
 
     # -- training -------------------------------------------------------------------------------
