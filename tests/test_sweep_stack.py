@@ -52,6 +52,38 @@ def assert_close_results(got: dict, want: dict, directory: Path, reference: Path
                 assert torch.equal(mine[k], theirs[k]), (i, k)
 
 
+def build_stack(specs, store, env):
+    """The stack ``run_stacked`` trains for ``specs`` (fresh trials)."""
+    from sparse_engine.sweep.runner import TrialRecorder
+    from sparse_engine.sweep.stacked import _Member, _Stack
+    members = []
+    for spec in specs:
+        m = _Member(spec, TrialRecorder(store, spec, env), None)
+        m.trial = build_trial(spec, store, env, stacked=True)
+        m.rng = torch.get_rng_state()
+        members.append(m)
+    return _Stack(members)
+
+
+def test_copy_out_gives_each_trial_its_exact_masks(tmp_path, data):
+    """The masks copied out of a stack are the stack's, bit for bit, also where a kept weight is exactly 0
+    (masks travel in the state dict's metadata, not as a tensor key)."""
+    text = h.tiny_sweep_text(data).replace("seed = [0, 1]", "seed = [0]")
+    sweep = Sweep.from_text(text, directory=tmp_path)
+    sweep.run(workers=0, threads=1, progress=False)
+    store, env = Store(tmp_path), WorkerEnv(str(tmp_path))
+    stack_ = build_stack([t for t in sweep.trials if t.kind == "prune"], store, env)
+    name, layer = next((n, m) for n, m in stack_.model.module.named_modules() if hasattr(m, "mask_bits"))
+    with torch.no_grad():
+        mask = torch.rand(layer.weight.shape) < 0.5
+        layer.set_mask(mask)
+        kept = mask[1].nonzero()[0]
+        layer.weight[(1, *kept)] = 0.0  # a kept weight that is exactly zero
+    stack_.copy_out(1)
+    single = stack_.members[1].trial.model.get_submodule(name)
+    assert torch.equal(single.mask, mask[1]) and torch.equal(single.weight, layer.weight[1])
+
+
 def test_stacked_sweep_gives_the_results_of_trials_run_alone(tmp_path, tmp_path_factory, data):
     text = h.tiny_sweep_text(data)  # one-shot and GMP, 2 sparsities, 2 seeds: 8 pruning trials of one group
     reference = h.baseline(tmp_path_factory, text, "two-methods")
@@ -78,15 +110,8 @@ def test_a_stacked_trials_checkpoint_resumes_alone(tmp_path, data):
     # the final checkpoints are removed when trials finish: run the stacked trials again, to epoch 1 only
     prune = [t for t in sweep.trials if t.kind == "prune"]
     store, env = Store(stacked_dir), WorkerEnv(str(stacked_dir))
-    from sparse_engine.sweep.stacked import _Member, _Stack
-    from sparse_engine.sweep.runner import TrialRecorder
-    members = []
-    for spec in prune:
-        m = _Member(spec, TrialRecorder(store, spec, env), None)
-        m.trial = build_trial(spec, store, env, stacked=True)
-        m.rng = torch.get_rng_state()
-        members.append(m)
-    s = _Stack(members)
+    s = build_stack(prune, store, env)
+    members = s.members
     losses, seconds = s.train_epoch()
     s.copy_out(2)
     trial = members[2].trial

@@ -155,9 +155,8 @@ class _Stack:
         """Model k's weights, masks, buffers, optimizer state and learning rate into its ``Trial``."""
         trial = self.members[k].trial
         for name, layer in self.layers:
-            target = trial.model.get_submodule(name)
-            keys = target.state_dict().keys()  # a dense layer (a parent's) takes no mask
-            target.load_state_dict({key: v for key, v in layer.unstacked(k).state_dict().items() if key in keys})
+            # the masks travel in the state dict's metadata: a dense layer (a parent's) ignores them
+            trial.model.get_submodule(name).load_state_dict(layer.unstacked(k).state_dict())
         for p, name in self.names:
             single = trial.model.get_parameter(name)
             state = self.optimizer.state.get(p)
