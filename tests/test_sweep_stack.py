@@ -56,13 +56,7 @@ def build_stack(specs, store, env):
     """The stack ``run_stacked`` trains for ``specs`` (fresh trials)."""
     from sparse_engine.sweep.runner import TrialRecorder
     from sparse_engine.sweep.stacked import _Member, _Stack
-    members = []
-    for spec in specs:
-        m = _Member(spec, TrialRecorder(store, spec, env), None)
-        m.trial = build_trial(spec, store, env, stacked=True)
-        m.rng = torch.get_rng_state()
-        members.append(m)
-    return _Stack(members)
+    return _Stack([_Member(spec, TrialRecorder(store, spec, env), None).build(store, env) for spec in specs])
 
 
 def test_copy_out_gives_each_trial_its_exact_masks(tmp_path, data):

@@ -111,7 +111,8 @@ def cache_key(op: str, tensors: tuple, extra: tuple = ()) -> str:
     return "|".join(parts)
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn`` (synchronising CUDA before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def _measure(run: Callable[[str, tuple], torch.Tensor], tensors: tuple) -> str:
     times = {impl: [] for impl in IMPLEMENTATIONS}
     for rep in range(_REPS + 1):
         for impl in IMPLEMENTATIONS:
-            ms = _time_ms(lambda: call(impl), device)
+            ms = time_ms(lambda: call(impl), device)
             if rep:  # the first round warms up (allocations, autotuning)
                 times[impl].append(ms)
     return min(IMPLEMENTATIONS, key=lambda impl: min(times[impl]))

@@ -172,11 +172,11 @@ class PerModelLR:
 
     def _sync(self) -> None:
         for i, g in enumerate(self.optimizer.param_groups):
-            lr = g["lr"].clone()
+            lr = g["lr"].tolist()
             for k, (o, s) in enumerate(zip(self.stand_ins, self.schedulers)):
                 if s is not None:
                     lr[k] = o.param_groups[i]["lr"]
-            g["lr"] = lr
+            g["lr"] = torch.tensor(lr, dtype=torch.float64)
 
     def load_model_state(self, k: int, state: Optional[dict], lrs: Sequence[float]) -> None:
         """Model ``k``'s scheduler state (its ``state_dict()``, None without a scheduler) and its learning

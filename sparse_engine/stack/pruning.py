@@ -341,25 +341,29 @@ class StackedPruners:
         with _install_lock, warnings.catch_warnings():
             # the stand-in optimizers never step, which the pruners' LR schedulers would warn about
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
-            if not threaded:
-                for k in running:
-                    try:
-                        with self.model_rng(k):
+            try:
+                if not threaded:  # the models in turn, in this thread, each on its own stream
+                    for k in running:
+                        batch.take(k)
+                        try:
                             results[k] = call(k)
-                    except BaseException as e:
-                        errors[k] = e
-            else:
-                _prune_module.select = _dispatching_select
-                try:
-                    threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}") for k in running]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                finally:
-                    _prune_module.select = _ORIGINAL_SELECT
-                    if outer is not None:
-                        torch.set_rng_state(outer)
+                        except BaseException as e:
+                            errors[k] = e
+                        batch.finished(k)
+                else:
+                    _prune_module.select = _dispatching_select
+                    try:
+                        threads = [threading.Thread(target=work, args=(k,), name=f"stacked-pruner-{k}")
+                                   for k in running]
+                        for t in threads:
+                            t.start()
+                        for t in threads:
+                            t.join()
+                    finally:
+                        _prune_module.select = _ORIGINAL_SELECT
+            finally:
+                if outer is not None:
+                    torch.set_rng_state(outer)
         self.select_calls += batch.calls
         self._sync_grads(clear=True)
         self._clear_state_if_cleared([sentinel] * k_models)

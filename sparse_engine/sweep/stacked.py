@@ -45,6 +45,7 @@ from sparse_engine.stack import stack
 from sparse_engine.stack.convert import check_stackable
 from sparse_engine.stack.layers import StackedLayer
 from sparse_engine.stack.optim import PerModelLR, StackedAdamW, StackedSGD, mask_stacked_optimizer
+from sparse_engine.ops.dispatch import time_ms
 from sparse_engine.pruning.methods.lottery import snapshot
 from sparse_engine.stack.pruning import StackedPruners
 from sparse_engine.sweep import components
@@ -84,6 +85,12 @@ class _Member:
         self.rng: Optional[torch.Tensor] = None  # torch's RNG state when its Trial was built: its pruner's stream
         self.outcome: Optional[dict] = None
 
+    def build(self, store: Store, env: WorkerEnv) -> "_Member":
+        """Build its ``Trial`` for a stack, and keep torch's RNG state after that as its pruner's stream."""
+        self.trial = build_trial(self.spec, store, env, stacked=True)
+        self.rng = torch.get_rng_state()
+        return self
+
     def fail(self, error: BaseException) -> None:
         self.recorder.failed(error)
         self.outcome = {"trial": self.spec.id, "state": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -105,6 +112,7 @@ class _Stack:
         self.pruners = StackedPruners(self.model, self.optimizer, [t.make_pruner for t in trials],
                                       rng_streams=[m.rng for m in members], isolate_failures=True)
         self.names = [(p, n.removeprefix("module.")) for n, p in self.model.named_parameters()]
+        self.snapshotting = [(k, m) for k, m in enumerate(members) if m.trial.snapshot_steps]
         self._check_pruners()
         outer = torch.get_rng_state()
         for k, m in self.active:
@@ -205,8 +213,8 @@ class _Stack:
         self.optimizer.step()
         self.lrs.step()
         self.pruners.step()
-        for k, m in self.active:
-            if m.trial.snapshot_steps:  # a parent keeps its model after the steps its tickets rewind to
+        for k, m in self.snapshotting:
+            if m.outcome is None:  # a parent keeps its model after the steps its tickets rewind to
                 m.trial._step += 1
                 if m.trial._step in m.trial.snapshot_steps:
                     self.copy_out(k)
@@ -246,19 +254,15 @@ class _Stack:
 def _fastest_ms(runs: dict, device, rounds: int = 7, budget_s: float = 2.0) -> dict:
     """``{name: ms}``: the fastest of ``rounds`` interleaved calls of each function, after one warm-up call
     (noise from other work on the machine only adds time); after two rounds, no more once ``budget_s`` is spent."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = {name: float("inf") for name in runs}
-    started_all = time.perf_counter()
+    started = time.perf_counter()
     for r in range(rounds + 1):
-        if r > 2 and time.perf_counter() - started_all > budget_s:
+        if r > 2 and time.perf_counter() - started > budget_s:
             break
         for name, run in runs.items():
-            sync()
-            started = time.perf_counter()
-            run()
-            sync()
+            ms = time_ms(run, device)
             if r:
-                best[name] = min(best[name], (time.perf_counter() - started) * 1e3)
+                best[name] = min(best[name], ms)
     return best
 
 
@@ -320,12 +324,7 @@ def probe(specs: list, store: Store, env: WorkerEnv) -> dict:
             record = {"probed": k, "memory_cap": cap, "alone_ms": None, "stacked_ms": None}
             if k < 2:
                 return {**record, "k": 1}
-            members = []
-            for spec in specs[:k]:
-                members.append(_Member(spec, None, None))
-                members[-1].trial = build_trial(spec, store, env, stacked=True)
-                members[-1].rng = torch.get_rng_state()
-            together = _Stack(members)
+            together = _Stack([_Member(spec, None, None).build(store, env) for spec in specs[:k]])
             ids = torch.stack([torch.randperm(n)[:batch] for _ in range(k)])  # k batches, gathered as in training
 
             def one_by_one():
@@ -394,8 +393,7 @@ def _run_stack(unit: list, env: WorkerEnv, started: dict) -> list:
             members.append(member)
             recorder.started(member.saved, stacked=len(unit), **started)
             try:
-                member.trial = build_trial(spec, store, env, stacked=True)
-                member.rng = torch.get_rng_state()
+                member.build(store, env)
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001 - recorded; the unit's other trials go on
