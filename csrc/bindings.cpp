@@ -296,6 +296,52 @@ at::Tensor masked_weight_autograd(const at::Tensor& weight, const at::Tensor& ma
   return MaskedWeightFunction::apply(weight, mask_bits);
 }
 
+// ---- masked_weight_for_op(weight, mask_bits): W*M for a dense op, W itself where that is W*M ----
+// The library's dense fallbacks (F.linear, F.conv*, torch's RNNs on W*M) read the masked weight once
+// and never modify it. On the CPU, when a read-only pass finds every pruned entry already +0 or -0
+// (what mask_optimizer keeps), W itself has the values of W*M: it is passed on without the copy, and
+// its gradient is still masked (exact zeros at pruned positions). Otherwise, W*M as masked_weight.
+// Eager only: the check reads the data (sparse_engine/ops/masked_weight.py decides when to call it).
+
+bool pruned_are_zero(const at::Tensor& t, const at::Tensor& mask_bits) {
+  constexpr const char* op = "pruned_are_zero";
+  TORCH_CHECK(t.is_cpu(), op, ": t must be a CPU tensor, got one on ", t.device());
+  check_float(t, "t", op);
+  const at::Tensor m = as_selection_matrix(t);
+  const at::Tensor bits = checked_mask_bits(mask_bits, m, "t", m.size(0), m.size(1), op);
+  return sparse_engine::cpu::pruned_are_zero(m.const_data_ptr(), m.element_size(), m.size(0), m.size(1), m.stride(0),
+                                             m.stride(1), bits.const_data_ptr<int32_t>());
+}
+
+class MaskedGradFunction : public torch::autograd::Function<MaskedGradFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
+                            const at::Tensor& mask_bits) {
+    ctx->save_for_backward({mask_bits});
+    return weight;  // autograd returns it as a view of weight
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor mask_bits = ctx->get_saved_variables()[0];
+    at::Tensor grad = grads[0];
+    // The gradient comes from the one dense op that read the view, freshly computed: masked in
+    // place, unless a double backward needs the masking itself to be differentiable.
+    if (!at::GradMode::is_enabled() && grad.is_cpu() && grad.is_contiguous()) {
+      at::Tensor m = as_selection_matrix(grad);
+      apply_mask_(m, mask_bits);
+      return {grad, at::Tensor()};
+    }
+    return {masked_weight_call(grad, mask_bits), at::Tensor()};
+  }
+};
+
+at::Tensor masked_weight_for_op(const at::Tensor& weight, const at::Tensor& mask_bits) {
+  if (weight.is_cpu() && pruned_are_zero(weight, mask_bits)) return MaskedGradFunction::apply(weight, mask_bits);
+  return masked_weight_call(weight, mask_bits);
+}
+
+
 
 at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_bits,
                              const std::optional<at::Tensor>& bias) {
@@ -436,6 +482,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "apply_mask_(t: CPU (R, C) any strides, mask_bits: int32 (R, ceil(C / 32))): pruned elements of t set to 0.");
   m.def("masked_copy", &masked_copy, release_gil(), py::arg("t"), py::arg("mask_bits"),
         "masked_copy(t: CPU (R, C) any strides, mask_bits: int32 (R, ceil(C / 32))) -> contiguous t * M.");
+  m.def("pruned_are_zero", &pruned_are_zero, release_gil(), py::arg("t"), py::arg("mask_bits"),
+        "pruned_are_zero(t: CPU float tensor, mask_bits: its packed mask) -> True if every pruned element is +0 or -0.");
+  m.def("masked_weight_for_op", &masked_weight_for_op, py::arg("weight"), py::arg("mask_bits"),
+        "masked_weight_for_op(weight, mask_bits) -> W*M for a dense op that reads it once and never modifies it: "
+        "on the CPU, weight itself (a view, gradient masked) when its pruned entries are zeros, else masked_weight.");
   m.def("masked_linear_fwd", &masked_linear_fwd, release_gil(), py::arg("x"), py::arg("weight"),
         py::arg("mask_bits"), py::arg("bias") = py::none(),
         "masked_linear_fwd(x (M, K), weight (N, K), mask_bits (N, ceil(K / 32)), bias (N,) or None) -> "

@@ -48,7 +48,8 @@ OPS = {
 def _grads(op, inputs, kwargs):
     x, w, bits, b = inputs
     y = op(x, w, bits, b, **kwargs)
-    gy = torch.randn_like(y)
+    # one dY for every dtype: drawn in float64, then rounded (randn_like draws other values per dtype)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
     return y, gx, gw, gb
 
@@ -61,7 +62,6 @@ def test_each_implementation_matches_the_reference(name, impl, dtype):
     inputs = make(dtype)
 
     def run(fn, cast):
-        torch.manual_seed(1)  # the same dY
         return _grads(fn, [cast(t).detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t
                            for t in inputs], kwargs)
 
@@ -114,7 +114,7 @@ def test_measured_once_and_cached(auto, monkeypatch):
     y2 = masked_linear(x, w, bits, b)
     assert len(calls) == 1
     (key, impl), = dispatch.choices().items()
-    assert impl in dispatch.IMPLEMENTATIONS and key.startswith("masked_linear|cpu|bwd|(14, 97):float32|(33, 97)")
+    assert impl in dispatch.IMPLEMENTATIONS and key.startswith("masked_linear|cpu|bwd|(2, 7, 97):float32|(33, 97)")
     torch.testing.assert_close(y, y2)
     assert x.grad is None and w.grad is None  # measuring did not touch the caller's tensors
     with torch.no_grad():
@@ -151,6 +151,25 @@ def test_bad_values_name_the_argument(tmp_path):
     run = subprocess.run([sys.executable, "-c", "import sparse_engine"], capture_output=True, text=True,
                          env={**os.environ, dispatch.ENV_VAR: "fastest"})
     assert run.returncode != 0 and "SPARSE_ENGINE_MASKED_IMPL: expected one of" in run.stderr
+
+
+def test_checks_still_run_after_a_cached_call(auto):
+    """A cached key lets masked_linear skip its checks; anything outside that key is checked again."""
+    x, w, bits, b = _linear_inputs()
+    masked_linear(x, w, bits, b)
+    assert dispatch.lookup("masked_linear", (x, w, bits, b), ("triton",)) in dispatch.IMPLEMENTATIONS
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        masked_linear(x, w, bits, b, backend="cutlass")
+    with pytest.raises(TypeError, match="weight: expected a torch.Tensor, got list"):
+        masked_linear(x, w.tolist(), bits, b)
+    with pytest.raises(TypeError, match="bias: expected a torch.Tensor or None, got list"):
+        masked_linear(x, w, bits, b.tolist())
+    with pytest.raises(ValueError, match="mask_bits: expected shape"):
+        masked_linear(x, w, bits[:, :2], b)
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        masked_linear(x.double(), w, bits, b)
+    dispatch.pin("fused")
+    assert dispatch.lookup("masked_linear", (x, w, bits, b), ("triton",)) is None  # a pin goes through choose
 
 
 def test_env_var_pins():
@@ -200,3 +219,108 @@ def test_masked_weight_op():
     torch.testing.assert_close(out, 2 * masked_weight_ref(w, bits), rtol=0, atol=0)
     nan = torch.full((7, 3, 5), float("nan"))
     assert not masked_weight(nan, bits)[~masked_weight_ref(torch.ones(7, 3, 5), bits).bool()].isnan().any()
+
+
+# ---- masked_weight_for_op: the weight itself where its pruned entries are already zeros ----------
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the aten/sparse_engine ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _pruned_are_zero_ref(t, bits):
+    return bool((t[~masked_weight_ref(torch.ones_like(t), bits).bool()] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 32), (37, 101), (6, 3, 5, 7), (211, 1000)])
+def test_pruned_are_zero_matches_reference(shape, dtype):
+    from sparse_engine import _C
+    g = torch.Generator().manual_seed(sum(shape))
+    keep = torch.rand(shape, generator=g) < 0.3
+    bits = pack_mask(keep)
+    w = torch.randn(shape, generator=g).to(dtype)
+    assert _C.pruned_are_zero(w, bits) == _pruned_are_zero_ref(w, bits)
+    zeroed = w * keep
+    assert _C.pruned_are_zero(zeroed, bits) and _pruned_are_zero_ref(zeroed, bits)
+    zeroed[~keep] = -0.0  # signed zeros are zeros
+    assert _C.pruned_are_zero(zeroed, bits)
+    pruned = (~keep).reshape(-1).nonzero().squeeze(1)
+    if pruned.numel():
+        # one non-zero, tiny or not a number, at the first, a random and the last pruned position
+        for pos in {int(pruned[0]), int(pruned[torch.randint(pruned.numel(), (1,), generator=g)]), int(pruned[-1])}:
+            for value in (1e-3 if dtype != torch.float64 else 1e-300, float("nan"), float("-inf")):
+                bad = zeroed.clone()
+                bad.view(-1)[pos] = value
+                assert not _C.pruned_are_zero(bad, bits), (pos, value)
+    if len(shape) == 2:  # a transposed view: strides (1, rows)
+        t = zeroed.t().contiguous().t()
+        assert not t.is_contiguous() or shape[0] == 1
+        assert _C.pruned_are_zero(t, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_materialized_reads_the_weight_itself_when_pruned_entries_are_zeros(name, dtype):
+    """The "materialized" implementation skips the copy W*M when W's pruned entries are already
+    zeros; results and gradients stay those of the reference, and a pruned entry that is not zero
+    (written through .data, say) sends it back to the copy."""
+    op, ref, make, kwargs = OPS[name]
+    x, w, bits, b = make(dtype)
+    keep = masked_weight_ref(torch.ones_like(w), bits).bool()
+    dispatch.pin("materialized")
+    for pruned_value in (0.0, 3.0):
+        weight = (w.detach() * keep).masked_fill(~keep, pruned_value).requires_grad_()
+        expected, torch_own = (_grads(ref, (x.detach().to(d).requires_grad_(), (w * keep).detach().to(d).requires_grad_(),
+                                            bits, b.detach().to(d).requires_grad_()), kwargs)
+                               for d in (torch.float64, dtype))
+        with _OpLog() as log:
+            got = _grads(op, (x, weight, bits, b), kwargs)
+        copied = "sparse_engine.masked_weight" in log.names
+        assert copied == (pruned_value != 0), log.names
+        for what, g, e, own in zip(("y", "dx", "dw", "db"), got, expected, torch_own):
+            if dtype == torch.float64:
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=what)
+            else:
+                assert_matches_ref(g, e, own, dtype)
+        assert (got[2][~keep] == 0).all() and not got[2][~keep].signbit().any()  # exact +0 at pruned dW
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_weight_itself_gradcheck_and_double_backward(name):
+    op, _, make, kwargs = OPS[name]
+    x, w, bits, b = make(torch.float64)
+    w = (w.detach() * masked_weight_ref(torch.ones_like(w), bits)).requires_grad_()
+    dispatch.pin("materialized")
+    fn = lambda x, w, b: op(x, w, bits, b, **kwargs)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_layers_ignore_pruned_entries_written_through_data():
+    """``weight.data`` writes bump no version counter: the check reads the data, so a layer whose
+    pruned entries were overwritten still computes with W*M."""
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(9, 7), nn.Conv1d(1, 2, 3), nn.LSTM(5, 4)))
+    for _, unit in sparse_modules(model):
+        unit.set_mask(torch.rand(unit.weight.shape) < 0.5)
+    lin, conv, lstm = model
+    x = torch.randn(3, 9)
+    seq = torch.randn(6, 2, 5)
+    for impl in dispatch.IMPLEMENTATIONS:
+        dispatch.pin(impl)
+        before = (lin(x), conv(x[:, None, :]), lstm(seq)[0])
+        for _, unit in sparse_modules(model):
+            unit.weight.data[~unit.mask] = 7.0
+        after = (lin(x), conv(x[:, None, :]), lstm(seq)[0])
+        for _, unit in sparse_modules(model):
+            unit.weight.data[~unit.mask] = 0.0
+        for a, bb in zip(before, after):
+            torch.testing.assert_close(a, bb, rtol=0, atol=0)

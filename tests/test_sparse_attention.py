@@ -106,7 +106,7 @@ def test_attention_matches_dense_float64(case, monkeypatch):
 
     masked_linear = sparse_attention.masked_linear
     monkeypatch.setattr(sparse_attention, "masked_linear", spy)
-    monkeypatch.setattr(masked_module, "masked_weight", no_materialised_weight)
+    monkeypatch.setattr(masked_module, "masked_weight_for_op", no_materialised_weight)
     torch.manual_seed(1)
     out, weights = sparse(*args, **fw)
     monkeypatch.undo()
@@ -210,7 +210,7 @@ def test_bilinear_fused_matches_dense(lead, monkeypatch):
     sparse = sparsify(nn.Bilinear(5, 7, 3).double())  # in1 * in2 = 35: one full and one partial mask word
     sparse.set_mask(torch.rand(sparse.weight.shape) < 0.5)
     dense = densify(copy.deepcopy(sparse))
-    monkeypatch.setattr(masked_module, "masked_weight", lambda *a: pytest.fail("Bilinear must use the fused op"))
+    monkeypatch.setattr(masked_module, "masked_weight_for_op", lambda *a: pytest.fail("Bilinear must use the fused op"))
     x1, x2 = torch.randn(*lead, 5, dtype=torch.float64), torch.randn(*lead, 7, dtype=torch.float64)
     xs, xs_ref = [x.clone().requires_grad_() for x in (x1, x2)], [x.clone().requires_grad_() for x in (x1, x2)]
     y, y_ref = sparse(*xs), dense(*xs_ref)

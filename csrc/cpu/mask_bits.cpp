@@ -50,7 +50,10 @@ __attribute__((always_inline)) inline void apply_mask_words(word_t* data, int64_
     const int64_t c0 = w * 32;
     const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
     word_t* d = data + r * stride_row + c0 * stride_col;
-    if (stride_col == 1) {
+    if (stride_col == 1 && n == 32 && sizeof(word_t) >= 4) {
+      // A whole word: constant bit positions, as in masked_copy_words (AVX2 tests 8 lanes at once).
+      for (int j = 0; j < 32; ++j) d[j] &= static_cast<word_t>(word_t(0) - word_t((word & (1u << j)) != 0));
+    } else if (stride_col == 1) {
       for (int j = 0; j < n; ++j) d[j] &= keep_bits<word_t>(word, j);
     } else {
       for (int j = 0; j < n; ++j) d[j * stride_col] &= keep_bits<word_t>(word, j);
@@ -84,6 +87,31 @@ __attribute__((always_inline)) inline void masked_copy_words(const word_t* src, 
   }
 }
 
+// Words [i0, i1) of a (rows, cols) mask: the OR of the pruned elements of data with the sign bit
+// cleared (0 when all of them are +0 or -0). Contiguous whole words take a fixed trip count with
+// constant bit positions, so AVX2 tests 8 lanes at once, as in masked_copy_words.
+template <typename word_t>
+__attribute__((always_inline)) inline word_t pruned_bits_words(const word_t* data, int64_t cols, int64_t words_per_row,
+                                                               int64_t stride_row, int64_t stride_col,
+                                                               const int32_t* bits, int64_t i0, int64_t i1) {
+  constexpr word_t magnitude = static_cast<word_t>(~(word_t(1) << (sizeof(word_t) * 8 - 1)));
+  word_t acc = 0;
+  int64_t r = i0 / words_per_row, w = i0 % words_per_row;  // stepped along, as in apply_mask_words
+  for (int64_t i = i0; i < i1; ++i, w = (w + 1 == words_per_row) ? 0 : w + 1, r += (w == 0)) {
+    const uint32_t word = static_cast<uint32_t>(bits[i]);
+    if (word == 0xffffffffu) continue;
+    const int64_t c0 = w * 32;
+    const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
+    const word_t* s = data + r * stride_row + c0 * stride_col;
+    if (stride_col == 1 && n == 32) {
+      for (int j = 0; j < 32; ++j) acc |= s[j] & static_cast<word_t>(word_t(0) - word_t((word & (1u << j)) == 0));
+    } else {
+      for (int j = 0; j < n; ++j) acc |= s[j * stride_col] & static_cast<word_t>(~keep_bits<word_t>(word, j));
+    }
+  }
+  return acc & magnitude;
+}
+
 // One non-template, SIMD-cloned worker per element size.
 #define SPARSE_ENGINE_ELEMENTWISE_WORKERS(word_t, suffix)                                                         \
   SPARSE_ENGINE_SIMD_CLONES void apply_mask_words_##suffix(word_t* data, int64_t cols, int64_t words_per_row,     \
@@ -98,6 +126,11 @@ __attribute__((always_inline)) inline void masked_copy_words(const word_t* src, 
                                                             int64_t i1) {                                         \
     masked_copy_words<word_t>(src, cols, words_per_row, stride_row, stride_col, bits, bits_stride_row, dst,       \
                               dst_stride_row, i0, i1);                                                            \
+  }                                                                                                               \
+  SPARSE_ENGINE_SIMD_CLONES word_t pruned_bits_words_##suffix(const word_t* data, int64_t cols, int64_t words_per_row, \
+                                                              int64_t stride_row, int64_t stride_col,             \
+                                                              const int32_t* bits, int64_t i0, int64_t i1) {      \
+    return pruned_bits_words<word_t>(data, cols, words_per_row, stride_row, stride_col, bits, i0, i1);            \
   }
 
 SPARSE_ENGINE_ELEMENTWISE_WORKERS(uint8_t, 1)
@@ -179,5 +212,33 @@ void masked_copy_block(const void* src, int64_t elem_size, int64_t rows, int64_t
 #undef CALL
 }
 #undef SPARSE_ENGINE_FOR_ELEMENT_SIZE
+
+bool pruned_are_zero(const void* data, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
+                     int64_t stride_col, const int32_t* bits) {
+  const int64_t words_per_row = (cols + 31) / 32;
+  const int64_t total = rows * words_per_row;
+  const int64_t chunks = (total + kChunkWords - 1) / kChunkWords;
+  // Chunks in parallel for large masks, each skipped once any chunk has found a non-zero.
+  bool zero = true;
+#define CHECK_CHUNKS(word_t, suffix)                                                                             \
+  _Pragma("omp parallel for schedule(static) if (total >= kParallelWords)")                                    \
+  for (int64_t c = 0; c < chunks; ++c) {                                                                        \
+    bool still;                                                                                                 \
+    _Pragma("omp atomic read") still = zero;                                                                    \
+    if (!still) continue;                                                                                       \
+    if (pruned_bits_words_##suffix(static_cast<const word_t*>(data), cols, words_per_row, stride_row, stride_col, \
+                                   bits, c * kChunkWords, std::min(total, (c + 1) * kChunkWords)) != 0) {       \
+      _Pragma("omp atomic write") zero = false;                                                                 \
+    }                                                                                                           \
+  }
+  switch (elem_size) {
+    case 2: CHECK_CHUNKS(uint16_t, 2); break;
+    case 4: CHECK_CHUNKS(uint32_t, 4); break;
+    case 8: CHECK_CHUNKS(uint64_t, 8); break;
+    default: return false; /* the caller checks elem_size */
+  }
+#undef CHECK_CHUNKS
+  return zero;
+}
 
 }  // namespace sparse_engine::cpu

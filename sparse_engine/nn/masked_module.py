@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from sparse_engine.nn import mask_checkpoint
 from sparse_engine.ops.mask_pack import apply_mask_, pack_mask, packed_shape, unpack_mask
 from sparse_engine.ops.masked_linear import check_backend
-from sparse_engine.ops.masked_weight import masked_weight
+from sparse_engine.ops.masked_weight import masked_weight_for_op
 
 
 def mask_buffer_name(param_name: str) -> str:
@@ -259,11 +259,12 @@ class MaskedModule:
 
     def effective_weight(self, name: str = "weight") -> Tensor:
         """What the forward multiplies by: the ``use_weights`` override, else ``W*M`` (differentiable,
-        exact-zero gradient at pruned positions)."""
+        exact-zero gradient at pruned positions; on the CPU, ``W`` itself when its pruned entries are
+        zeros, see ``masked_weight_for_op``: for the layer's op to read, never to modify)."""
         override = self.weight_override(name)
         if override is not None:
             return override
-        return masked_weight(getattr(self, name), self.mask_bits_of(name))
+        return masked_weight_for_op(getattr(self, name), self.mask_bits_of(name))
 
     @contextmanager
     def use_weights(self, weights: dict[str, Tensor]) -> Iterator[None]:

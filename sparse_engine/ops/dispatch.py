@@ -6,18 +6,18 @@ Each masked op has implementations that compute the same result:
   CUDA on GPUs, C++ or torch on CPU), which never build ``W*M`` on a GPU;
 * ``"materialized"``: ``W*M`` built by ``masked_weight`` (one pass from the packed bits), then the
   vendor op (``F.linear`` / ``F.conv2d``: BLAS/oneDNN, cuBLAS/cuDNN). Its weight gradient is
-  ``masked_weight`` of ``dW``: exact zeros at pruned positions, as with the fused kernels.
+  ``masked_weight`` of ``dW``: exact zeros at pruned positions, as with the fused kernels. On the CPU
+  it skips the copy when a read-only pass over ``W`` finds the pruned entries already zeros (what
+  ``mask_optimizer`` keeps): the vendor op then reads ``W`` itself, with the same values, and ``dW``
+  is masked in place (``masked_weight_for_op``). The check runs on every call: writes through
+  ``weight.data`` bump no version counter, so no cheaper signal could tell that W changed.
 
 Both differ only by the rounding of the matmul, within the tolerance the tests hold the fused
 kernels to. Like ``torch.backends.cudnn.benchmark``, the first call with a new key (op, shapes,
 dtypes, device, whether a backward follows, the implementation set) times each implementation
 (forward, and backward when gradients are needed, on copies of the inputs: the caller's tensors
-and autograd graph are untouched) and caches the fastest; later calls look it up.
-
-Not an implementation: the dense op on ``W`` itself with the gradient masked. It would be correct
-only while the pruned weights are exact zeros, and the op cannot know that without reading them
-(an optimizer without ``mask_optimizer``, a user's in-place edit, or a gradient from outside the
-layer makes them drift, and then the result would silently change).
+and autograd graph are untouched) and caches the fastest; later calls look it up (``lookup``:
+``masked_linear`` then also skips its argument checks, which passed for that key before).
 
 Control:
 
@@ -148,6 +148,38 @@ def _measure(run: Callable[[str, tuple], torch.Tensor], tensors: tuple) -> str:
     return min(IMPLEMENTATIONS, key=lambda impl: min(times[impl]))
 
 
+def _fast_key(op: str, tensors: tuple, extra: tuple) -> tuple:
+    """The in-memory key of a call: ``extra`` (its repr where it holds lists), each tensor's shape,
+    dtype and device, and whether a backward will run."""
+    try:
+        hash(extra)
+    except TypeError:
+        extra = repr(extra)
+    key = [op, extra]
+    backward = False
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        else:
+            key += (t.shape, t.dtype, t.device)
+            backward = backward or t.requires_grad
+    key.append(backward and torch.is_grad_enabled())
+    return tuple(key)
+
+
+def lookup(op: str, tensors: tuple, extra: tuple = ()) -> Optional[str]:
+    """The implementation chosen before for a call with this key, or None (then check the
+    arguments and call :func:`choose`). A key is only stored by ``choose``, which the ops call after
+    checking their arguments, so a hit also means arguments like these passed the checks. None
+    while an implementation is pinned (``choose`` returns the pin) and under ``torch.compile``."""
+    if _pinned is not None or torch.compiler.is_compiling():
+        return None
+    try:
+        return _fast.get(_fast_key(op, tensors, extra))
+    except AttributeError:  # not tensors: the checks will say
+        return None
+
+
 def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, extra: tuple = ()) -> str:
     """The implementation to run ``op`` on ``tensors`` with: the pinned one, else the cached choice
     for the call's key, else measured now with ``run(implementation, tensors)`` and cached."""
@@ -155,16 +187,7 @@ def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, e
         return _pinned
     if torch.compiler.is_compiling():
         return "fused"
-    fast = [op, repr(extra)]
-    backward = False
-    for t in tensors:
-        if t is None:
-            fast.append(None)
-        else:
-            fast += (t.shape, t.dtype, t.device)
-            backward = backward or t.requires_grad
-    fast.append(backward and torch.is_grad_enabled())
-    fast = tuple(fast)
+    fast = _fast_key(op, tensors, extra)
     impl = _fast.get(fast)
     if impl is None:
         key = cache_key(op, tensors, extra)

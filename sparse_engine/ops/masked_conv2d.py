@@ -16,7 +16,7 @@ from torch import Tensor
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops import dispatch
 from sparse_engine.ops.mask_pack import apply_mask_, unpack_mask_ref
-from sparse_engine.ops.masked_weight import masked_weight
+from sparse_engine.ops.masked_weight import masked_weight_for_op
 from sparse_engine.ops.masked_linear import check_bias, check_masked_weight
 
 
@@ -96,7 +96,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
 def _run_implementation(impl: str, tensors: tuple, conv: tuple) -> Tensor:
     x, weight, mask_bits, bias = tensors
     if impl == "materialized":
-        return F.conv2d(x, masked_weight(weight, mask_bits), bias, *conv)
+        return F.conv2d(x, masked_weight_for_op(weight, mask_bits), bias, *conv)
     return torch.ops.sparse_engine.masked_conv2d(x, weight, mask_bits, bias, *conv)
 
 

@@ -18,7 +18,7 @@ from sparse_engine import _C
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops import dispatch
 from sparse_engine.ops.mask_pack import packed_shape, unpack_mask_ref
-import sparse_engine.ops.masked_weight  # noqa: F401  (registers the masked_weight op's fake and CUDA kernels)
+from sparse_engine.ops.masked_weight import masked_weight_for_op  # also registers the op's fake and CUDA kernels
 
 BACKENDS = ("triton", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -84,32 +84,38 @@ def masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[T
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
-    check_masked_weight(weight, mask_bits, x.device)
-    check_backend(backend)
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected shape (out_features, in_features), got {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: expected last dimension {weight.shape[1]} (weight's in_features), "
-                         f"got shape {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
-    check_bias(bias, weight.shape[0], x.dtype, x.device)
-    if weight.numel() == 0 or x.numel() == 0:
-        # Nothing to mask (K = 0 or N = 0) or no rows: F.linear's result (the bias, or an empty tensor).
-        return torch.nn.functional.linear(x, weight, bias)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    tensors = (x, weight, mask_bits, bias)
     run = functools.partial(_run_implementation, backend=backend)
-    impl = dispatch.choose("masked_linear", run, (x2, weight, mask_bits, bias), extra=(backend,))
-    y = run(impl, (x2, weight, mask_bits, bias))
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+    # A call like one made before (same shapes, dtypes, devices, backend) skips the checks: on small
+    # layers they would cost more than the matmul's own overhead.
+    impl = dispatch.lookup("masked_linear", tensors, (backend,))
+    if impl is None:
+        check_masked_weight(weight, mask_bits, x.device)
+        check_backend(backend)
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected shape (out_features, in_features), got {tuple(weight.shape)}")
+        if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"x: expected last dimension {weight.shape[1]} (weight's in_features), "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x: expected dtype {weight.dtype} (the weight's), got {x.dtype}")
+        check_bias(bias, weight.shape[0], x.dtype, x.device)
+        if weight.numel() == 0 or x.numel() == 0:
+            # Nothing to mask (K = 0 or N = 0) or no rows: F.linear's result (the bias, or an empty tensor).
+            return torch.nn.functional.linear(x, weight, bias)
+        impl = dispatch.choose("masked_linear", run, tensors, extra=(backend,))
+    return run(impl, tensors)
 
 
 def _run_implementation(impl: str, tensors: tuple, backend: str) -> Tensor:
     x, weight, mask_bits, bias = tensors
     if impl == "materialized":
         # The op itself: masked_linear has checked its arguments.
-        return torch.nn.functional.linear(x, torch.ops.sparse_engine.masked_weight(weight, mask_bits), bias)
-    return torch.ops.sparse_engine.masked_linear(x, weight, mask_bits, bias, backend)
+        return torch.nn.functional.linear(x, masked_weight_for_op(weight, mask_bits), bias)
+    if x.dim() == 2:
+        return torch.ops.sparse_engine.masked_linear(x, weight, mask_bits, bias, backend)
+    y = torch.ops.sparse_engine.masked_linear(x.reshape(-1, x.shape[-1]), weight, mask_bits, bias, backend)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def masked_linear_ref(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -51,6 +51,28 @@ def masked_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
     return torch.ops.sparse_engine.masked_weight(weight, mask_bits)
 
 
+def masked_weight_for_op(weight: Tensor, mask_bits: Tensor) -> Tensor:
+    """``W*M`` for a dense torch op that reads it and does not modify it or keep it: the library's
+    dense fallbacks (``F.linear``/``F.conv*`` of the ``"materialized"`` implementation, torch's RNNs).
+
+    On the CPU in eager mode, a read-only pass checks the pruned entries of ``weight``; when all are
+    +0 or -0 (what ``mask_optimizer`` and ``set_mask`` keep) ``weight`` itself already holds the
+    values of ``W*M`` and is returned, as a view, without the copy; its gradient is still masked
+    (exact zeros at pruned positions). Otherwise (a pruned entry written through ``.data``, a
+    non-zero from an optimizer without ``mask_optimizer``), and on GPUs (where the check would wait
+    for the device), under ``torch.compile``, for tensor subclasses and under ``torch.func``
+    transforms, it is :func:`masked_weight`. Either way the op computes with the same values. The
+    result may alias ``weight``: never modify it in place.
+    """
+    if (weight.device.type == "cpu" and type(weight) in _PLAIN_TENSORS and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(weight)):
+        return _C.masked_weight_for_op(weight, mask_bits)
+    return torch.ops.sparse_engine.masked_weight(weight, mask_bits)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 # The op is defined in C++ (csrc/bindings.cpp: schema, CPU kernel, autograd), because a Python
 # custom op costs about 0.1 ms per call; its fake and CUDA kernels are registered here.
 

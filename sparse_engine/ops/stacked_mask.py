@@ -9,6 +9,7 @@ of ``R * prod(...)`` bits instead: a different layout.)
 import torch
 from torch import Tensor
 
+from sparse_engine import _C
 import sparse_engine.ops.masked_weight  # noqa: F401  (registers the masked_weight op's fake and CUDA kernels)
 from sparse_engine.ops.mask_pack import pack_mask, packed_shape, unpack_mask, unpack_mask_ref
 
@@ -55,6 +56,26 @@ def apply_stacked_mask(t: Tensor, mask_bits: Tensor) -> Tensor:
     s, rows = t.shape[:2]
     flat = t.reshape(s * rows, *t.shape[2:])
     return torch.ops.sparse_engine.masked_weight(flat, mask_bits.reshape(s * rows, -1)).view(t.shape)
+
+
+def stacked_weight_to_read(t: Tensor, mask_bits: Tensor) -> Tensor:
+    """For the CPU kernels of the stacked ops, which read the masked weight and return no alias of
+    it: ``t`` itself when a read-only pass finds its pruned entries already zeros (what the stacked
+    optimizers keep), so the copy is skipped; otherwise :func:`apply_stacked_mask`."""
+    s, rows = t.shape[:2]
+    if _C.pruned_are_zero(t.reshape(s * rows, -1), mask_bits.reshape(s * rows, -1)):
+        return t
+    return apply_stacked_mask(t, mask_bits)
+
+
+def mask_stacked_grad_(t: Tensor, mask_bits: Tensor) -> Tensor:
+    """For the CPU kernels of the stacked ops: ``t`` (a fresh weight gradient) with exact zeros where
+    the stacked mask is 0, in place when ``t`` is contiguous, else as :func:`apply_stacked_mask`."""
+    if not t.is_contiguous():
+        return apply_stacked_mask(t, mask_bits)
+    s, rows = t.shape[:2]
+    _C.apply_mask_(t.view(s * rows, -1), mask_bits.reshape(s * rows, -1).contiguous())
+    return t
 
 
 def check_stacked_mask_bits(mask_bits: Tensor, shape) -> None:

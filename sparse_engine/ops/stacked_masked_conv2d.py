@@ -26,7 +26,7 @@ from sparse_engine.ops import dispatch
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.masked_conv2d import (_is_int, _out_size, _use_tf32, check_conv_geometry, conv_backward,
                                               conv_setup_context)
-from sparse_engine.ops.stacked_mask import apply_stacked_mask, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_mask import mask_stacked_grad_, stacked_weight_to_read, unpack_stacked_mask_ref
 from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
 
 
@@ -95,7 +95,7 @@ def _stacked(t: Tensor, s: int) -> Tensor:
 
 
 def _flat_weight(weight: Tensor, mask_bits: Tensor) -> Tensor:
-    return apply_stacked_mask(weight, mask_bits).reshape(-1, *weight.shape[2:])
+    return stacked_weight_to_read(weight, mask_bits).reshape(-1, *weight.shape[2:])
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor, weight_shape: list[in
     s = weight_shape[0]
     dw = torch.nn.grad.conv2d_weight(_side_by_side(x), [s * weight_shape[1]] + weight_shape[2:], _side_by_side(dy),
                                      stride, padding, dilation, groups * s).reshape(weight_shape)
-    return apply_stacked_mask(dw, mask_bits)
+    return mask_stacked_grad_(dw, mask_bits)
 
 
 @_grad_weight.register_kernel("cuda")

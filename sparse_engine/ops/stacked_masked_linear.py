@@ -17,7 +17,8 @@ from torch import Tensor
 
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.masked_linear import _FLOAT_DTYPES, _use_tf32, check_bias
-from sparse_engine.ops.stacked_mask import apply_stacked_mask, check_stacked_mask_bits, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_mask import (check_stacked_mask_bits, mask_stacked_grad_, stacked_weight_to_read,
+                                            unpack_stacked_mask_ref)
 
 
 def check_stacked_weight(weight: Tensor, mask_bits: Tensor, device: torch.device, rank: int) -> None:
@@ -82,7 +83,7 @@ def _stacked_masked_linear(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: O
 
 @_stacked_masked_linear.register_kernel("cpu")
 def _(x, weight, mask_bits, bias):
-    wt = apply_stacked_mask(weight, mask_bits).transpose(1, 2)
+    wt = stacked_weight_to_read(weight, mask_bits).transpose(1, 2)
     if bias is None:
         return torch.bmm(x, wt)
     return torch.baddbmm(bias.unsqueeze(1), x, wt)
@@ -108,7 +109,7 @@ def _grad_input(dy: Tensor, weight: Tensor, mask_bits: Tensor) -> Tensor:
 
 @_grad_input.register_kernel("cpu")
 def _(dy, weight, mask_bits):
-    return torch.bmm(dy, apply_stacked_mask(weight, mask_bits))
+    return torch.bmm(dy, stacked_weight_to_read(weight, mask_bits))
 
 
 @_grad_input.register_kernel("cuda")
@@ -132,7 +133,7 @@ def _grad_weight(dy: Tensor, x: Tensor, mask_bits: Tensor) -> Tensor:
 
 @_grad_weight.register_kernel("cpu")
 def _(dy, x, mask_bits):
-    return apply_stacked_mask(torch.bmm(dy.transpose(1, 2), x), mask_bits)
+    return mask_stacked_grad_(torch.bmm(dy.transpose(1, 2), x), mask_bits)
 
 
 @_grad_weight.register_kernel("cuda")
