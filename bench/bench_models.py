@@ -52,7 +52,7 @@ from torch.nn.utils import prune
 
 from record import (add_run_arguments, check_run_arguments, command_line, device_slug, markdown_table,
                     results_dir, run_metadata, write_results)
-from timing import Times, interleaved_ms
+from timing import interleaved_rounds_ms, paired_ratio, round_times
 
 from sparse_engine import mask_optimizer, prune_, sparse_modules, sparsify
 from sparse_engine.models import example_batch, fashion_cnn, fashion_mlp, lstm, resnet18, transformer
@@ -63,7 +63,7 @@ BENCH = "models"
 SPARSITY = 0.9
 # name -> torch.optim.AdamW keyword arguments (the same for the three methods).
 OPTIMIZERS = {"adamw": dict(lr=1e-3), "adamw-fused": dict(lr=1e-3, fused=True)}
-ROUNDS, REPS = 5, 3
+ROUNDS, REPS = 15, 3
 N_SETS = 2
 LABELS = {"dense": "dense", "ours": "sparse_engine", "prune": "torch.nn.utils.prune"}
 # The issue's CPU goal, checked on this run's numbers: ours <= 1.10x dense and <= torch prune.
@@ -214,10 +214,11 @@ def check_after(case: Case, name: str) -> None:
             guard_fail(f"{name}: layer {unit_name}: pruned weights moved during training")
 
 
-def measure(case: Case, device: torch.device, quick: bool) -> dict[str, Times]:
+def measure(case: Case, device: torch.device, quick: bool) -> dict[str, list[float]]:
+    """Per method, the ms of one step in each round."""
     rounds, reps = (1, 2) if quick else (ROUNDS, REPS)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return interleaved_ms({m: (case.step(m), N_SETS, None) for m in LABELS}, rounds, reps, sync)
+    return interleaved_rounds_ms({m: (case.step(m), N_SETS, None) for m in LABELS}, rounds, reps, sync)
 
 
 def bench_case(w: Workload, device: torch.device, threads: list[int], optimizer: str, args,
@@ -229,15 +230,20 @@ def bench_case(w: Workload, device: torch.device, threads: list[int], optimizer:
     for t in threads:
         torch.set_num_threads(t)
         dispatch.clear()  # measured again for this thread count, in the warm-up of the first round
-        times = measure(case, device, args.quick)
+        per_round = measure(case, device, args.quick)
         picked = list(dispatch.choices().values())
-        for method, tm in times.items():
+        for method, values in per_round.items():
+            tm = round_times(values)
+            over_dense, over_prune = (paired_ratio(values, per_round[base]) for base in ("dense", "prune"))
             rows.append({
                 **meta, "bench": BENCH, "model": w.name, "batch": w.batch_size, "threads": t, "optimizer": optimizer,
                 "method": method,
                 "label": LABELS[method], "sparsity": SPARSITY, "masked_weights": weights,
                 "ms": tm.median, "ms_p20": tm.p20, "ms_p80": tm.p80,
-                "over_dense": tm.median / times["dense"].median, "over_prune": tm.median / times["prune"].median,
+                # ratios round by round (same few seconds of the machine), then their median
+                "over_dense": over_dense.median, "over_prune": over_prune.median,
+                "over_dense_p20": over_dense.p20, "over_dense_p80": over_dense.p80,
+                "over_prune_p20": over_prune.p20, "over_prune_p80": over_prune.p80,
                 "dispatch": {impl: picked.count(impl) for impl in dispatch.IMPLEMENTATIONS} if method == "ours" else None,
             })
     check_after(case, w.name)
@@ -256,8 +262,8 @@ COLUMNS = [
     ("dense ms", lambda r: f"{r['dense_ms']:.4g}"),
     ("ours ms", lambda r: f"{r['ms']:.4g}"),
     ("torch prune ms", lambda r: f"{r['prune_ms']:.4g}"),
-    ("ours / dense", lambda r: f"{r['over_dense']:.3f}"),
-    ("ours / torch prune", lambda r: f"{r['over_prune']:.3f}"),
+    ("ours / dense", lambda r: f"{r['over_dense']:.3f} ({r['over_dense_p20']:.2f}-{r['over_dense_p80']:.2f})"),
+    ("ours / torch prune", lambda r: f"{r['over_prune']:.3f} ({r['over_prune_p20']:.2f}-{r['over_prune_p80']:.2f})"),
     ("torch prune / dense", lambda r: f"{r['prune_ms'] / r['dense_ms']:.3f}"),
     (f"goal (<= {GOAL_OVER_DENSE}x dense, <= prune)", lambda r: "met" if goal_met(r) else "NOT met"),
     ("dispatch (ops: fused / materialized)", lambda r: " / ".join(str(v) for v in r["dispatch"].values())),
@@ -287,7 +293,8 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         f"implementation, adamw-fused: fused=True); sparsity {SPARSITY} by global "
         "magnitude (ours: prune_ + mask_optimizer; torch: prune.global_unstructured L1 on the same weights)",
         f"- ms: median over {meta['rounds']} round(s) of each round's median of {meta['reps']} steps, the "
-        "three methods interleaved in every round",
+        "three methods interleaved in every round (their order rotating); ratios: the median over rounds of "
+        "the ratio within each round, with its 20th-80th percentiles (the run's noise)",
         "",
         markdown_table(summary, COLUMNS),
         "",

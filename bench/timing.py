@@ -172,23 +172,37 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     return _status_bytes("VmHWM") - base
 
 
+def interleaved_rounds_ms(methods: "dict[str, tuple[Step, int, Optional[Step]]]", rounds: int, reps: int,
+                          sync: Optional[Callable[[], object]] = None) -> dict[str, list[float]]:
+    """Per method, the ``cpu_median_ms`` of each of ``rounds`` rounds that interleave the methods
+    (so a slow spell of a shared machine hits each alike), ``reps`` calls each after one warm-up
+    call in the first round. The order rotates from round to round, so no method always runs
+    right after the same other one. Ratios of two methods taken round by round (``paired_ratio``)
+    cancel the machine's slow drifts that medians of each method alone keep."""
+    names = list(methods)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step, n_sets, before = methods[name]
+            per_round[name].append(cpu_median_ms(step, n_sets, warmup=1 if r == 0 else 0, min_reps=reps,
+                                                 min_time_s=0.0, before=before, sync=sync).median)
+    return per_round
+
+
+def round_times(values: list[float]) -> Times:
+    """The median of per-round values with their 20th and 80th percentiles (one round: itself)."""
+    if len(values) == 1:
+        return Times(values[0], values[0], values[0])
+    p20, _, _, p80 = statistics.quantiles(values, n=5, method="inclusive")
+    return Times(statistics.median(values), p20, p80)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> Times:
+    """The median over rounds of ``a[r] / b[r]``, with its 20th and 80th percentiles."""
+    return round_times([x / y for x, y in zip(a, b)])
+
+
 def interleaved_ms(methods: "dict[str, tuple[Step, int, Optional[Step]]]", rounds: int, reps: int,
                    sync: Optional[Callable[[], object]] = None) -> dict[str, Times]:
-    """``cpu_median_ms`` of every ``name: (step, n_sets, before)`` in ``rounds`` rounds that
-    interleave the methods (so a slow spell of a shared machine hits each alike), ``reps`` calls
-    each after one warm-up call in the first round. With one round, that round's times; else per
-    method the median of the round medians with their 20th and 80th percentiles."""
-    medians: dict[str, list[float]] = {name: [] for name in methods}
-    single = {}
-    for r in range(rounds):
-        for name, (step, n_sets, before) in methods.items():
-            single[name] = cpu_median_ms(step, n_sets, warmup=1 if r == 0 else 0, min_reps=reps, min_time_s=0.0,
-                                         before=before, sync=sync)
-            medians[name].append(single[name].median)
-    if rounds == 1:
-        return single
-    out = {}
-    for name, v in medians.items():
-        p20, _, _, p80 = statistics.quantiles(v, n=5, method="inclusive")
-        out[name] = Times(statistics.median(v), p20, p80)
-    return out
+    """``interleaved_rounds_ms``, summarised per method by :func:`round_times`."""
+    return {name: round_times(v) for name, v in interleaved_rounds_ms(methods, rounds, reps, sync).items()}

@@ -223,16 +223,11 @@ def test_masked_weight_op():
 
 # ---- masked_weight_for_op: the weight itself where its pruned entries are already zeros ----------
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """Names of the aten/sparse_engine ops run inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+def _runs_masked_weight_op(fn) -> bool:
+    """Whether ``fn()`` ran the op ``sparse_engine::masked_weight`` (the copy W*M)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == "sparse_engine::masked_weight" for e in prof.events())
 
 
 def _pruned_are_zero_ref(t, bits):
@@ -281,10 +276,9 @@ def test_materialized_reads_the_weight_itself_when_pruned_entries_are_zeros(name
         expected, torch_own = (_grads(ref, (x.detach().to(d).requires_grad_(), (w * keep).detach().to(d).requires_grad_(),
                                             bits, b.detach().to(d).requires_grad_()), kwargs)
                                for d in (torch.float64, dtype))
-        with _OpLog() as log:
-            got = _grads(op, (x, weight, bits, b), kwargs)
-        copied = "sparse_engine.masked_weight" in log.names
-        assert copied == (pruned_value != 0), log.names
+        got = []
+        copied = _runs_masked_weight_op(lambda: got.extend(_grads(op, (x, weight, bits, b), kwargs)))
+        assert copied == (pruned_value != 0)
         for what, g, e, own in zip(("y", "dx", "dw", "db"), got, expected, torch_own):
             if dtype == torch.float64:
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=what)
@@ -302,6 +296,27 @@ def test_weight_itself_gradcheck_and_double_backward(name):
     fn = lambda x, w, b: op(x, w, bits, b, **kwargs)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_recorded_graphs_keep_the_copy():
+    """Where a graph is recorded, it must not depend on this call's weights: under a
+    TorchDispatchMode (make_fx records through one) the op that builds W*M runs even while the
+    pruned entries are zeros."""
+    layer = sparsify(nn.Sequential(nn.Linear(40, 9)))[0]
+    layer.set_mask(torch.rand(9, 40) < 0.5)
+    x = torch.randn(4, 40)
+    dispatch.pin("materialized")
+    assert not _runs_masked_weight_op(lambda: layer(x))  # eager: W itself
+
+    class Seen(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Seen():
+        layer(x)
+    assert "sparse_engine.masked_weight" in seen
 
 
 def test_layers_ignore_pruned_entries_written_through_data():
