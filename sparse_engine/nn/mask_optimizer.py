@@ -47,6 +47,8 @@ _SCALARS = ("lr", "momentum", "dampening", "weight_decay", "eps")
 
 
 def _finite(v) -> bool:
+    if type(v) is float or type(v) is int:  # the common case, without the ABC check
+        return math.isfinite(v)
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -118,6 +120,9 @@ class MaskedOptimizer:
         group changed after installation is judged as it is now."""
         if self.always_apply:
             return [layer for _, layer in self.layers]
+        groups = self.optimizer.param_groups
+        if len(groups) == 1:  # every layer is in it: no set to build on every step
+            return [] if update_keeps_zeros(self.optimizer, groups[0]) else [layer for _, layer in self.layers]
         unproven = {id(p) for group in self.optimizer.param_groups if not update_keeps_zeros(self.optimizer, group)
                     for p in group["params"]}
         return [layer for p, layer in self.layers if id(p) in unproven]
