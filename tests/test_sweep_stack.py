@@ -198,13 +198,11 @@ def test_units_pack_only_trials_that_can_share_a_stack(data):
         if len(unit) > 1:
             assert len({t.config["train"]["optimizer"]["name"] for t in unit}) == 1
             assert "sweep_helpers:slow_gmp" not in {t.config["method"]["name"] for t in unit}  # not declared stackable
-            if unit[0].config["train"]["optimizer"]["name"] == "adamw":
-                assert "lottery" not in {t.config["method"]["name"] for t in unit}
     sizes = sorted(len(u) for u in units)
     # sgd (2 learning rates) x {one-shot, GMP, random, lottery, SET} x 2 sparsities = 20 in one stack (pruning at
-    # initialisation or from a parent: the same architecture); adamw: {one-shot, GMP, random, SET} x 2 = 8;
-    # alone: the slow user method (6) and lottery with adamw (2)
-    assert sizes == [1] * 8 + [8, 20]
+    # initialisation or from a parent: the same architecture); adamw: the same 5 methods x 2 = 10;
+    # alone: the slow user method (6)
+    assert sizes == [1] * 6 + [10, 20]
 
 
 def test_random_methods_in_a_stack_draw_what_they_draw_alone(tmp_path, data):
@@ -316,3 +314,17 @@ def test_stacked_parents_keep_the_snapshots_their_tickets_rewind_to(tmp_path, da
                 torch.testing.assert_close(mine["snapshots"][2][k], v, rtol=1e-4, atol=1e-5)
             for k, v in theirs["init"].items():
                 assert torch.equal(mine["init"][k], v), k
+
+
+def test_lottery_tickets_with_adamw_stack_as_alone(tmp_path, data):
+    """With AdamW, a ticket's rewinding at each phase clears its own model's moments and step count in the
+    stack (the other models keep theirs): the trials end as alone."""
+    methods = '[methods.ticket]\nname = "lottery"\nphases = 3\n[methods.one-shot]\nname = "one_shot"\n'
+    text = h.tiny_sweep_text(data, methods).replace("seed = [0, 1]", "seed = [0]")
+    text = text.replace("[train]\n", '[train]\noptimizer = { name = "adamw", lr = 0.002 }\n')
+    h.run_here(text, tmp_path / "alone")
+    assert run_stacked(text, tmp_path / "stacked", stack=8)["failed"] == 0
+    got, want = records(tmp_path / "stacked"), records(tmp_path / "alone")
+    assert_close_results(got, want, tmp_path / "stacked", tmp_path / "alone")
+    started = [e for e in h.events(tmp_path / "stacked") if e["event"] == "started" and "stacked" in e]
+    assert sorted(e["stacked"] for e in started) == [4] * 4  # one-shot and the tickets, 2 sparsities each

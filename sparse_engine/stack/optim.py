@@ -134,17 +134,23 @@ class StackedAdamW(_StackedOptimizer):
         beta1, beta2 = g["betas"]
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "step" not in state or state["step"].dim() == 0:
+            # One step count per model (torch's float32 format, model k's at [k]): a model whose state
+            # was cleared (IMP rewinding) restarts its bias corrections, as a fresh torch AdamW does.
+            state["step"] = torch.full((self.num_models,), float(state.get("step", 0.0)), dtype=torch.float32)
         state["step"] += 1
-        step = state["step"].item()
+        # The bias corrections in Python floats, as torch's single-tensor AdamW computes them.
+        steps = state["step"].tolist()
+        correction1 = torch.tensor([1 - beta1 ** t for t in steps], dtype=torch.float64)
+        correction2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** t) for t in steps], dtype=torch.float64)
         lr = self._view(g["lr"], p)
         p.mul_(1 - lr * self._view(g["weight_decay"], p))
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(g["eps"])
-        p.sub_(lr / (1 - beta1 ** step) * (state["exp_avg"] / denom))
+        denom = (state["exp_avg_sq"].sqrt() / self._view(correction2_sqrt, p)).add_(g["eps"])
+        p.sub_(lr / self._view(correction1, p) * (state["exp_avg"] / denom))
 
 
 class PerModelLR:

@@ -20,9 +20,10 @@ torch RNG stream, as in a separate run.
 Everything the pruners do besides selection also reaches the stack: weights rewound or
 zeroed in place (views), BatchNorm recalibration (view buffers), learning rates that IMP's
 retraining schedules set on the stand-in optimizer (copied into the stacked optimizer's
-per-model ``lr``), and a cleared optimizer state (IMP's rewinding; model k's slice of a
-:class:`~sparse_engine.stack.optim.StackedSGD`'s momentum is zeroed, which is what a fresh
-buffer gives with zero dampening).
+per-model ``lr``), and a cleared optimizer state (IMP's rewinding; model k's slice of every state
+tensor is zeroed: a :class:`~sparse_engine.stack.optim.StackedSGD`'s momentum, which is what a
+fresh buffer gives with zero dampening, and a :class:`~sparse_engine.stack.optim.StackedAdamW`'s
+moments and step count, which is a fresh AdamW state).
 """
 import copy
 import threading
@@ -41,7 +42,7 @@ from sparse_engine.pruning.select import granularity as _granularity
 from sparse_engine.pruning.select import prune as _prune_module
 from sparse_engine.stack.convert import StackedModel
 from sparse_engine.stack.layers import PerSample, StackedLayer, StackedMaskedLayer
-from sparse_engine.stack.optim import StackedSGD, _StackedOptimizer
+from sparse_engine.stack.optim import StackedAdamW, StackedSGD, _StackedOptimizer
 
 
 def _view_layer(layer: StackedLayer, i: int) -> nn.Module:
@@ -306,9 +307,10 @@ class StackedPruners:
             if sentinel in o.state:
                 del o.state[sentinel]
                 continue
-            if self.optimizer.state and not isinstance(self.optimizer, StackedSGD):
+            if self.optimizer.state and not isinstance(self.optimizer, (StackedSGD, StackedAdamW)):
                 raise NotImplementedError(f"model {k}: its pruner cleared the optimizer state; clearing one model's "
-                                          f"state is supported for StackedSGD, not {type(self.optimizer).__name__}")
+                                          f"state is supported for StackedSGD and StackedAdamW, not "
+                                          f"{type(self.optimizer).__name__}")
             for state in self.optimizer.state.values():
                 for v in state.values():
                     if isinstance(v, Tensor) and v.dim() > 0:

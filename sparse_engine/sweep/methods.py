@@ -222,11 +222,6 @@ def _always(config: dict) -> bool:
     return True
 
 
-def _with_sgd(config: dict) -> bool:
-    """Rewinding clears one model's optimizer state: in a stack, StackedSGD's only (AdamW's step count is shared)."""
-    return config["train"]["optimizer"]["name"] == "sgd"
-
-
 METHODS: dict = {
     "one_shot": Method(_one_shot, {"score": SCORE, "allocation": ALLOCATION, "granularity": GRANULARITY,
                                    "at": Field(real(0, 1, high_open=True), 0.0, "prune step, fraction of budget")},
@@ -259,7 +254,7 @@ METHODS: dict = {
                                  "rewind_step": Field(integer(0), 0, "rewind to the parent's weights after this "
                                                                      "many optimizer steps (0: its initialisation; "
                                                                      "open_lth's rewinding_steps)")},
-                      owns_lr=True, late_options=("rewind_step",), stackable=_with_sgd,
+                      owns_lr=True, late_options=("rewind_step",), stackable=_always,
                       parent_steps=lambda options: {"rewind_step": options["rewind_step"]}
                       if options.get("rewind_step") else {},
                       doc="lottery ticket: magnitude mask of the trained parent, weights rewound to the parent's "

@@ -147,13 +147,7 @@ class _Stack:
         self.lrs.load_model_state(k, saved["scheduler"], [g["lr"] for g in trial.optimizer.param_groups])
         for p, name in self.names:
             for key, value in trial.optimizer.state.get(trial.model.get_parameter(name), {}).items():
-                state = self.optimizer.state[p]
-                if value.dim() == 0:  # AdamW's step: shared by the stack's models (the same epoch)
-                    if key in state and not torch.equal(state[key], value):
-                        raise ValueError(f"trial {member.spec.id}: optimizer {key} {value.item()} differs from "
-                                         f"the stack's {state[key].item()}")
-                    state[key] = value.clone()
-                    continue
+                state = self.optimizer.state[p]  # model k's at [k], AdamW's step count included
                 if key not in state:
                     state[key] = torch.zeros((len(self.members), *value.shape), dtype=value.dtype, device=p.device)
                 state[key][k].copy_(value)
