@@ -165,8 +165,8 @@ def test_errors():
     lstm = lambda: nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
     with pytest.raises(TypeError, match="layer '1' of type LSTM has no stacked version"):
         stack([lstm(), lstm()])
-    with pytest.raises(TypeError, match="layer '0' of type SparseConv3d has no stacked version"):
-        stack([se.sparsify(nn.Sequential(nn.Conv3d(2, 3, 1))) for _ in range(2)])
+    with pytest.raises(TypeError, match="layer '0' of type SparseGRU has no stacked version"):
+        stack([se.sparsify(nn.Sequential(nn.GRU(2, 3))) for _ in range(2)])
     with pytest.raises(ValueError, match="layer '0': stacking Embedding with max_norm or sparse=True"):
         stack([se.sparsify(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0))) for _ in range(2)])
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
@@ -227,5 +227,64 @@ def test_compile_fullgraph_of_embedding_and_conv1d():
     idx = torch.randint(0, 11, (K, 4, 7))
     torch.compile(compiled, fullgraph=True, backend="aot_eager")(idx).square().sum().backward()
     eager(idx).square().sum().backward()
+    for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+class BilinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bilinear = nn.Bilinear(2, 2, 5)
+
+    def forward(self, h):
+        return self.bilinear(h, torch.tanh(h))
+
+
+def volume_net():
+    """Conv3d (circular padding, groups) -> ConvTranspose3d -> ConvTranspose2d -> ConvTranspose1d (dilation,
+    groups) -> a Bilinear of two inputs; reshapes as modules (a stacked model's forward sees (K, B, ...))."""
+    return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, groups=2, padding_mode="circular"), nn.ReLU(),
+                         nn.ConvTranspose3d(4, 3, 2, stride=2, bias=False), nn.Flatten(1, 2),
+                         nn.ConvTranspose2d(12, 4, 3, stride=2, padding=1, output_padding=1), nn.Flatten(2),
+                         nn.ConvTranspose1d(4, 2, 3, dilation=2, groups=2), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                         BilinearHead())
+
+
+def volume_models():
+    models = []
+    for i in range(K):
+        torch.manual_seed(20 + i)
+        models.append(random_masks_(se.sparsify(volume_net().double())))
+    return models
+
+
+def test_conv3d_conv_transpose_and_bilinear_stack_like_separate_models():
+    models = volume_models()
+    stacked = stack(models)
+    kinds = {type(m).__name__ for m in stacked.module.modules()}
+    assert {"StackedConv3d", "StackedConvTranspose3d", "StackedConvTranspose2d", "StackedConvTranspose1d",
+            "StackedBilinear"} <= kinds
+    for m, b in zip(models, unstack(stacked)):
+        assert_models_equal(m, b)
+    x = torch.randn(K, 3, 2, 2, 3, 4, dtype=torch.float64)
+    backward_like_separate_models(stacked(x), models, x)
+    for n, p in stacked.named_parameters():
+        for i, m in enumerate(models):
+            torch.testing.assert_close(p.grad[i], m.get_parameter(n.removeprefix("module.")).grad, rtol=1e-10,
+                                       atol=1e-12, msg=n)
+    for name, layer in stacked.masked_layers():
+        assert (layer.weight.grad[~layer.mask] == 0).all(), name  # pruned entries: exact zeros
+    with pytest.raises(ValueError, match=r"x: expected shape \(num_models, B, C\) and 3 spatial"):
+        stacked.module[0](torch.randn(K, 2, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"x2: expected shape"):
+        stacked.module[-1].bilinear(torch.randn(K, 2, 2), torch.randn(K, 2, 3))
+
+
+def test_compile_fullgraph_of_conv3d_conv_transpose_and_bilinear():
+    torch._dynamo.reset()
+    eager, compiled = stack(volume_models()), stack(volume_models())
+    x = torch.randn(K, 3, 2, 2, 3, 4, dtype=torch.float64)
+    torch.compile(compiled, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    eager(x).square().sum().backward()
     for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from sparse_engine.stack.layers import PerSample, StackedLayer, StackedMaskedLayer, stacked_type
 
-_SUPPORTED = "Linear, Conv1d, Conv2d, Embedding (and their sparse versions), BatchNorm1d/2d/3d, LayerNorm"
+_SUPPORTED = ("Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d/2d/3d, Bilinear, Embedding (and their sparse "
+              "versions), BatchNorm1d/2d/3d, LayerNorm")
 
 
 class StackedModel(nn.Module):

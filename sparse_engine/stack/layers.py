@@ -2,10 +2,11 @@
 
 Every stacked layer keeps each Parameter and buffer of the S models as one tensor with a leading
 model axis (``weight (S, *shape)``), built by ``from_modules`` from S ordinary layers and given
-back by ``unstacked(i)`` as an ordinary sparse layer, bit-identical. Masked layers
-(:class:`StackedLinear`, :class:`StackedConv2d`) hold one bit-packed mask per model
-(``mask_bits (S, rows, words)``, ``sparse_engine.ops.stacked_mask``) and compute through the
-stacked masked ops, so every model keeps its own sparsity pattern.
+back by ``unstacked(i)`` as an ordinary sparse layer, bit-identical. Masked layers hold one
+bit-packed mask per model (``mask_bits (S, rows, words)``, ``sparse_engine.ops.stacked_mask``), so
+every model keeps its own sparsity pattern: Linear, Conv1d and Conv2d compute through the stacked
+masked ops; Conv3d and ConvTranspose run one grouped torch convolution and Bilinear one ``einsum`` on
+the models' masked weights (``masked_weight_for_op``: exact-zero gradients at pruned entries).
 """
 import copy
 from typing import Optional, Sequence
@@ -18,8 +19,10 @@ from sparse_engine.nn.conversion import convert_module
 from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparse_conv2d import SparseConv2d, explicit_padding
 from sparse_engine.nn.sparse_linear import SparseLinear
-from sparse_engine.nn.sparse_conv import SparseConv1d
+from sparse_engine.nn.sparse_bilinear import SparseBilinear
+from sparse_engine.nn.sparse_conv import SparseConv1d, SparseConv3d, _SparseConvTranspose
 from sparse_engine.nn.sparse_embedding import SparseEmbedding
+from sparse_engine.ops.masked_weight import masked_weight_for_op
 from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, stacked_packed_shape,
                                             unpack_stacked_mask)
 from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d
@@ -187,6 +190,99 @@ class StackedConv1d(StackedConv2d):
         return y.squeeze(-2)
 
 
+def _stacked_masked_weight(layer: StackedMaskedLayer) -> Tensor:
+    """``W*M`` of every model, ``(S * rows, ...)``: model s's rows are rows ``s * rows + r`` (the packed layout
+    of ``stacked_mask``), differentiable with exact-zero gradients at pruned entries. For the stacked layers
+    that run one grouped torch op on it (Conv3d, ConvTranspose, Bilinear), which reads it and keeps no alias."""
+    return masked_weight_for_op(layer.weight.flatten(0, 1), layer.mask_bits.flatten(0, 1))
+
+
+class _StackedGroupedConv(StackedMaskedLayer):
+    """S masked convolutions as one convolution with ``groups * S`` groups: the models' channels side by
+    side, ``(S, B, C, ...) -> (B, S*C, ...)``, each model's weight its own groups. Input ``(S, B, C, *spatial)``."""
+
+    _spatial_dims = 0
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__(modules)
+        conv = modules[0]
+        for attr in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "output_padding",
+                     "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(conv, attr))
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self._spatial_dims + 3:
+            raise ValueError(f"x: expected shape (num_models, B, C) and {self._spatial_dims} spatial "
+                             f"dimension(s), got {tuple(x.shape)}")
+        s, b = x.shape[:2]
+        side = x.transpose(0, 1).flatten(1, 2)  # (B, S*C, ...)
+        y = self._conv(side, _stacked_masked_weight(self), None if self.bias is None else self.bias.flatten(),
+                       self.groups * s)
+        return y.unflatten(1, (s, -1)).transpose(0, 1)  # (S, B, Co, ...), a view of (B, S, Co, ...)
+
+    def extra_repr(self) -> str:
+        return (f"num_models={self.num_models}, kernel_size={tuple(self.kernel_size)}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}")
+
+
+class StackedConv3d(_StackedGroupedConv):
+    """S masked ``nn.Conv3d`` layers (every padding mode): ``weight (S, Co, C/g, kD, kH, kW)``; input
+    ``(S, B, C, D, H, W)``."""
+
+    _spatial_dims = 3
+
+    def _conv(self, x, weight, bias, groups):
+        x, padding = explicit_padding(self, x)
+        return F.conv3d(x, weight, bias, self.stride, padding, self.dilation, groups)
+
+
+class _StackedConvTranspose(_StackedGroupedConv):
+    """S masked ``nn.ConvTransposeNd`` layers: ``weight (S, C, Co/g, *k)``; ``output_padding`` as set on the
+    layers (the ``output_size`` argument of their forward has no stacked version)."""
+
+    _functional = None
+
+    def _conv(self, x, weight, bias, groups):
+        return type(self)._functional(x, weight, bias, self.stride, self.padding, self.output_padding, groups,
+                                      self.dilation)
+
+
+class StackedConvTranspose1d(_StackedConvTranspose):
+    _spatial_dims, _functional = 1, F.conv_transpose1d
+
+
+class StackedConvTranspose2d(_StackedConvTranspose):
+    _spatial_dims, _functional = 2, F.conv_transpose2d
+
+
+class StackedConvTranspose3d(_StackedConvTranspose):
+    _spatial_dims, _functional = 3, F.conv_transpose3d
+
+
+class StackedBilinear(StackedMaskedLayer):
+    """S masked ``nn.Bilinear`` layers: ``weight (S, out, in1, in2)``; inputs ``(S, ..., in1)`` and
+    ``(S, ..., in2)``: ``y[s] = x1[s] W[s] x2[s] + b[s]``, one ``einsum`` for all models."""
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        s, out, in1, in2 = self.weight.shape
+        if x1.dim() < 2 or x1.shape[0] != s or x1.shape[-1] != in1:
+            raise ValueError(f"x1: expected shape ({s}, ..., {in1}), got {tuple(x1.shape)}")
+        if x2.shape[:-1] != x1.shape[:-1] or x2.shape[-1] != in2:
+            raise ValueError(f"x2: expected shape {tuple(x1.shape[:-1]) + (in2,)}, got {tuple(x2.shape)}")
+        weight = _stacked_masked_weight(self).view(s, out, in1, in2)
+        y = torch.einsum("sbi,soij,sbj->sbo", x1.reshape(s, -1, in1), weight, x2.reshape(s, -1, in2))
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        return y.reshape(*x1.shape[:-1], out)
+
+    def extra_repr(self) -> str:
+        s, out, in1, in2 = self.weight.shape
+        return f"num_models={s}, in1_features={in1}, in2_features={in2}, out_features={out}"
+
+
 class StackedEmbedding(StackedMaskedLayer):
     """S masked ``nn.Embedding`` tables: ``weight (S, V, D)``; indices ``(S, ...)``, model s looking up in table
     s. One lookup in the ``(S*V, D)`` masked tables (indices offset by ``s*V``); the gradient is exactly zero at
@@ -312,6 +408,14 @@ def stacked_type(module: nn.Module) -> Optional[type]:
         return StackedConv1d
     if isinstance(module, nn.Embedding) and type(module).forward in (nn.Embedding.forward, SparseEmbedding.forward):
         return StackedEmbedding
+    if isinstance(module, nn.Conv3d) and type(module).forward in (nn.Conv3d.forward, SparseConv3d.forward):
+        return StackedConv3d
+    for dense, stacked in ((nn.ConvTranspose1d, StackedConvTranspose1d), (nn.ConvTranspose2d, StackedConvTranspose2d),
+                           (nn.ConvTranspose3d, StackedConvTranspose3d)):
+        if isinstance(module, dense) and type(module).forward in (dense.forward, _SparseConvTranspose.forward):
+            return stacked
+    if isinstance(module, nn.Bilinear) and type(module).forward in (nn.Bilinear.forward, SparseBilinear.forward):
+        return StackedBilinear
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
         return StackedBatchNorm
     if type(module) is nn.LayerNorm:
