@@ -342,7 +342,6 @@ at::Tensor masked_weight_for_op(const at::Tensor& weight, const at::Tensor& mask
 }
 
 
-
 at::Tensor masked_linear_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_bits,
                              const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "masked_linear_fwd";

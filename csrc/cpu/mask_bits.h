@@ -34,7 +34,7 @@ void masked_copy_block(const void* src, int64_t elem_size, int64_t rows, int64_t
                        int64_t dst_stride_row);
 
 // True when every pruned element of a (rows, cols) floating-point tensor is +0 or -0 (read only;
-// stops early at the first that is not): element (r, c) at data + (r * stride_row + c * stride_col)
+// the chunks of 1024 mask words after the one that finds another value are skipped): element (r, c) at data + (r * stride_row + c * stride_col)
 // * elem_size, elem_size 2, 4 or 8 (float16/bfloat16, float32, float64: the sign bit is ignored).
 bool pruned_are_zero(const void* data, int64_t elem_size, int64_t rows, int64_t cols, int64_t stride_row,
                      int64_t stride_col, const int32_t* bits);
