@@ -95,6 +95,9 @@ __attribute__((always_inline)) inline word_t pruned_bits_words(const word_t* dat
                                                                int64_t stride_row, int64_t stride_col,
                                                                const int32_t* bits, int64_t i0, int64_t i1) {
   constexpr word_t magnitude = static_cast<word_t>(~(word_t(1) << (sizeof(word_t) * 8 - 1)));
+  // One accumulator per bit position: the whole-word loop ORs vector into vector, with no
+  // horizontal reduction per word; they are reduced once at the end.
+  word_t lanes[32] = {};
   word_t acc = 0;
   int64_t r = i0 / words_per_row, w = i0 % words_per_row;  // stepped along, as in apply_mask_words
   for (int64_t i = i0; i < i1; ++i, w = (w + 1 == words_per_row) ? 0 : w + 1, r += (w == 0)) {
@@ -104,11 +107,12 @@ __attribute__((always_inline)) inline word_t pruned_bits_words(const word_t* dat
     const int n = static_cast<int>(std::min<int64_t>(32, cols - c0));
     const word_t* s = data + r * stride_row + c0 * stride_col;
     if (stride_col == 1 && n == 32) {
-      for (int j = 0; j < 32; ++j) acc |= s[j] & static_cast<word_t>(word_t(0) - word_t((word & (1u << j)) == 0));
+      for (int j = 0; j < 32; ++j) lanes[j] |= s[j] & static_cast<word_t>(word_t(0) - word_t((word & (1u << j)) == 0));
     } else {
       for (int j = 0; j < n; ++j) acc |= s[j * stride_col] & static_cast<word_t>(~keep_bits<word_t>(word, j));
     }
   }
+  for (int j = 0; j < 32; ++j) acc |= lanes[j];
   return acc & magnitude;
 }
 
