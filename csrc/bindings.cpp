@@ -313,6 +313,20 @@ bool pruned_are_zero(const at::Tensor& t, const at::Tensor& mask_bits) {
                                              m.stride(1), bits.const_data_ptr<int32_t>());
 }
 
+// Whether grad, a gradient just handed to a node's backward, is seen by nothing else: besides the
+// backward's own argument, the only reference to it is the node's list of inputs (CppNode passes
+// backward a copy of it), and its storage is its own, or its base's when it is a view of a tensor
+// that only it keeps alive (TBackward's `.t()` of a fresh matmul result). An add hands one tensor to
+// both of its inputs, torch.autograd.grad captures the gradients it returns, a caller passes its own
+// grad_outputs: each holds another reference, and then the gradient is not the node's to change.
+bool sole_owner(const at::Tensor& grad) {
+  if (grad.use_count() > 2) return false;
+  if (grad.storage().use_count() == 1) return true;
+  if (!grad.is_view()) return false;
+  const at::TensorBase& base = grad._base();
+  return base.use_count() == 1 && base.storage().use_count() == 2;
+}
+
 class MaskedGradFunction : public torch::autograd::Function<MaskedGradFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
@@ -324,10 +338,10 @@ class MaskedGradFunction : public torch::autograd::Function<MaskedGradFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const at::Tensor mask_bits = ctx->get_saved_variables()[0];
-    at::Tensor grad = grads[0];
-    // The gradient comes from the one dense op that read the view, freshly computed: masked in
-    // place, unless a double backward needs the masking itself to be differentiable.
-    if (!at::GradMode::is_enabled() && grad.is_cpu() && grad.is_contiguous()) {
+    at::Tensor grad = std::move(grads[0]);
+    // Masked in place when nothing else sees it (as AccumulateGrad steals a gradient), unless a double
+    // backward needs the masking itself to be differentiable; otherwise a masked copy.
+    if (!at::GradMode::is_enabled() && grad.is_cpu() && grad.is_contiguous() && sole_owner(grad)) {
       at::Tensor m = as_selection_matrix(grad);
       apply_mask_(m, mask_bits);
       return {grad, at::Tensor()};
@@ -337,7 +351,11 @@ class MaskedGradFunction : public torch::autograd::Function<MaskedGradFunction> 
 };
 
 at::Tensor masked_weight_for_op(const at::Tensor& weight, const at::Tensor& mask_bits) {
-  if (weight.is_cpu() && pruned_are_zero(weight, mask_bits)) return MaskedGradFunction::apply(weight, mask_bits);
+  const auto dtype = weight.scalar_type();
+  const bool floating = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+  if (weight.is_cpu() && floating && pruned_are_zero(weight, mask_bits)) {
+    return MaskedGradFunction::apply(weight, mask_bits);
+  }
   return masked_weight_call(weight, mask_bits);
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_engine import SparseLinear, pack_mask, sparsify, sparse_modules
+from sparse_engine import pack_mask, sparsify, sparse_modules
 from sparse_engine.ops import dispatch, masked_conv2d, masked_conv2d_ref, masked_linear, masked_linear_ref
 from sparse_engine.ops.masked_weight import masked_weight, masked_weight_ref
 from tolerance import assert_matches_ref
@@ -339,3 +339,51 @@ def test_layers_ignore_pruned_entries_written_through_data():
             unit.weight.data[~unit.mask] = 0.0
         for a, bb in zip(before, after):
             torch.testing.assert_close(a, bb, rtol=0, atol=0)
+
+
+def test_weight_itself_gradient_is_masked_in_place_only_when_nobody_else_sees_it():
+    """The backward of ``masked_weight_for_op`` masks the incoming gradient in place only when it is the
+    node's alone (a fresh result of the dense op): gradients shared with other tensors come out right."""
+    from sparse_engine import _C
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(6, 40, generator=g) < 0.5
+    bits = pack_mask(keep)
+    w = (torch.randn(6, 40, generator=g) * keep).requires_grad_()
+    x = torch.randn(3, 40, generator=g)
+    dense = torch.ones(3, 6).t() @ x  # d sum(x W^T) / dW
+    h = torch.randn(6, 40, requires_grad=True)  # an add hands one gradient tensor to both of its inputs
+    torch.nn.functional.linear(x, h + _C.masked_weight_for_op(w, bits)).sum().backward()
+    torch.testing.assert_close(h.grad, dense, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, dense * keep, rtol=0, atol=0)
+    outputs = torch.ones(6, 40)  # the caller's grad_outputs stay as they are
+    (gw,) = torch.autograd.grad(_C.masked_weight_for_op(w, bits), (w,), outputs)
+    assert (outputs == 1).all() and (gw == keep).all()
+    alias = _C.masked_weight_for_op(w, bits)  # a gradient torch.autograd.grad returns is not masked
+    gw, ga = torch.autograd.grad(torch.nn.functional.linear(x, alias).sum(), (w, alias))
+    torch.testing.assert_close(ga, dense, rtol=0, atol=0)
+    torch.testing.assert_close(gw, dense * keep, rtol=0, atol=0)
+    assert not _C.masked_weight_for_op(w.detach().int(), bits).data_ptr() == w.data_ptr()  # ints: the copy
+
+
+@pytest.mark.parametrize("layer, x", [(nn.Linear(50, 7), (4, 50)), (nn.Linear(50, 7), (2, 3, 50)),
+                                      (nn.Conv2d(3, 4, 3), (2, 3, 6, 6)), (nn.Conv3d(2, 3, 2), (2, 2, 3, 3, 3)),
+                                      (nn.LSTM(5, 4), (6, 2, 5))], ids=["linear", "linear-3d", "conv2d", "conv3d", "lstm"])
+def test_weight_itself_no_copy_forward_or_backward(layer, x):
+    """On the layers' own path (zero pruned entries), neither the forward nor the backward copies W*M: the
+    weight is read as it is and its fresh gradient masked in place (torch's autograd must keep handing the
+    node a gradient that only it holds)."""
+    dispatch.pin("materialized")
+    layer = sparsify(nn.Sequential(layer))[0]
+    for _, unit in sparse_modules(layer):
+        unit.set_mask(torch.rand(unit.weight.shape) < 0.5)
+
+    def step():
+        out = layer(torch.randn(x))
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+    assert not _runs_masked_weight_op(step)
+    for _, unit in sparse_modules(layer):
+        assert (unit.weight.grad[~unit.mask] == 0).all() and not unit.weight.grad[~unit.mask].signbit().any()
+    name = next(n for n, _ in layer.named_parameters() if n.startswith("weight"))
+    with torch.no_grad():  # the public effective_weight stays a copy, whatever the forward reads
+        assert layer.effective_weight(name).data_ptr() != getattr(layer, name).data_ptr()

@@ -274,8 +274,10 @@ def test_conv3d_conv_transpose_and_bilinear_stack_like_separate_models():
                                        atol=1e-12, msg=n)
     for name, layer in stacked.masked_layers():
         assert (layer.weight.grad[~layer.mask] == 0).all(), name  # pruned entries: exact zeros
-    with pytest.raises(ValueError, match=r"x: expected shape \(num_models, B, C\) and 3 spatial"):
+    with pytest.raises(ValueError, match=rf"x: expected shape \({K}, B, C\) and 3 spatial"):
         stacked.module[0](torch.randn(K, 2, 2, 3, 4))
+    with pytest.raises(ValueError, match="with the model axis first"):  # groups come from num_models, not x
+        stacked.module[0](torch.randn(K + 1, 2, 2, 3, 4, 3))
     with pytest.raises(ValueError, match=r"x2: expected shape"):
         stacked.module[-1].bilinear(torch.randn(K, 2, 2), torch.randn(K, 2, 3))
 

@@ -4,6 +4,7 @@ mask_optimizer."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import sparse_engine as se
 from sparse_engine.pruning.methods.lr_schedules import CLRSchedule
@@ -121,3 +122,22 @@ def test_errors():
         PerModelLR(StackedSGD(stacked, lr=0.1), SCHEDULES[:2])
     with pytest.raises(TypeError, match="stacked: expected a StackedModel"):
         mask_stacked_optimizer(StackedSGD(stacked, lr=0.1), make_models("mlp")[0])
+
+
+def test_adamw_state_with_one_step_for_all_models_loads_per_model():
+    """A StackedAdamW state saved with one step count for all models (before per-model counts) loads as
+    K counts, so clearing one model's state right after loading restarts that model alone."""
+    stacked = stack([nn.Linear(3, 2).double() for _ in range(3)])
+    opt = StackedAdamW(stacked, lr=[0.1, 0.2, 0.3])
+    stacked(torch.randn(3, 4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state["step"] = torch.tensor(5.0)
+    fresh = StackedAdamW(stacked, lr=[0.1, 0.2, 0.3])
+    fresh.load_state_dict(saved)
+    for state in fresh.state.values():
+        assert state["step"].tolist() == [5.0, 5.0, 5.0]
+        state["step"][1].zero_()
+    fresh.step()
+    assert all(s["step"].tolist() == [6.0, 1.0, 6.0] for s in fresh.state.values())

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from sparse_engine.nn import mask_checkpoint
 from sparse_engine.ops.mask_pack import apply_mask_, pack_mask, packed_shape, unpack_mask
 from sparse_engine.ops.masked_linear import check_backend
-from sparse_engine.ops.masked_weight import masked_weight_for_op
+from sparse_engine.ops.masked_weight import masked_weight, masked_weight_for_op
 
 
 def mask_buffer_name(param_name: str) -> str:
@@ -258,9 +258,17 @@ class MaskedModule:
         return module._weight_overrides.get(n)
 
     def effective_weight(self, name: str = "weight") -> Tensor:
-        """What the forward multiplies by: the ``use_weights`` override, else ``W*M`` (differentiable,
-        exact-zero gradient at pruned positions; on the CPU, ``W`` itself when its pruned entries are
-        zeros, see ``masked_weight_for_op``: for the layer's op to read, never to modify)."""
+        """What the forward multiplies by: the ``use_weights`` override, else ``W*M`` (a new tensor,
+        differentiable, exact-zero gradient at pruned positions)."""
+        override = self.weight_override(name)
+        if override is not None:
+            return override
+        return masked_weight(getattr(self, name), self.mask_bits_of(name))
+
+    def _forward_weight(self, name: str = "weight") -> Tensor:
+        """For the layer's own torch op, which reads it and keeps no alias: :meth:`effective_weight`'s
+        values, without the copy where ``masked_weight_for_op`` can skip it (the weight itself on the CPU
+        when its pruned entries are zeros)."""
         override = self.weight_override(name)
         if override is not None:
             return override

@@ -38,7 +38,7 @@ class SparseConv3d(MaskedModule, nn.Conv3d):
     dense_type = nn.Conv3d
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        return self._conv_forward(x, self._forward_weight(), self.bias)
 
 
 class _SparseConvTranspose(MaskedModule):
@@ -52,7 +52,7 @@ class _SparseConvTranspose(MaskedModule):
             raise ValueError(f"Only `zeros` padding mode is supported for {self.dense_type.__name__}")
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                               self._spatial_dims, self.dilation)
-        return type(self)._functional(x, self.effective_weight(), self.bias, self.stride, self.padding,
+        return type(self)._functional(x, self._forward_weight(), self.bias, self.stride, self.padding,
                                       output_padding, self.groups, self.dilation)
 
 

@@ -24,7 +24,7 @@ class _SparseRNNBase(MaskedModule):
         self._update_flat_weights()  # refresh after Parameters were replaced (assign=True loads)
         raw = self._flat_weights
         masked = set(self._masked_names)
-        self._flat_weights = [self.effective_weight(n) if n in masked else w
+        self._flat_weights = [self._forward_weight(n) if n in masked else w
                               for n, w in zip(self._flat_weights_names, raw)]
         try:
             return super().forward(input, hx)

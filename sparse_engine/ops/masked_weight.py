@@ -60,14 +60,15 @@ def masked_weight_for_op(weight: Tensor, mask_bits: Tensor) -> Tensor:
     values of ``W*M`` and is returned, as a view, without the copy; its gradient is still masked
     (exact zeros at pruned positions). Otherwise (a pruned entry written through ``.data``, a
     non-zero from an optimizer without ``mask_optimizer``), and on GPUs (where the check would wait
-    for the device), and wherever a graph is being recorded or the call intercepted
-    (``torch.compile``/``export``, a ``TorchDispatchMode`` such as ``make_fx``'s, tensor subclasses,
-    ``torch.func`` transforms: a recorded graph must not depend on this call's data), it is
-    :func:`masked_weight`. Either way the op computes with the same values. The result may alias
-    ``weight``: never modify it in place.
+    for the device), for non-float weights, and wherever a graph is being recorded or the call
+    intercepted (``torch.compile``/``export``, ``torch.jit.trace``, a ``TorchDispatchMode`` such as
+    ``make_fx``'s, tensor subclasses, ``torch.func`` transforms: a recorded graph must not depend on
+    this call's data), it is :func:`masked_weight`. Either way the op computes with the same values.
+    The result may alias ``weight``: never modify it in place, never hand it to users. The gradient
+    is masked in place only when nothing else holds it (else a masked copy).
     """
     if (weight.device.type == "cpu" and type(weight) in _PLAIN_TENSORS and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(weight)):
         return _C.masked_weight_for_op(weight, mask_bits)
     return torch.ops.sparse_engine.masked_weight(weight, mask_bits)

@@ -214,10 +214,10 @@ class _StackedGroupedConv(StackedMaskedLayer):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != self._spatial_dims + 3:
-            raise ValueError(f"x: expected shape (num_models, B, C) and {self._spatial_dims} spatial "
-                             f"dimension(s), got {tuple(x.shape)}")
-        s, b = x.shape[:2]
+        s = self.num_models
+        if x.dim() != self._spatial_dims + 3 or x.shape[0] != s:
+            raise ValueError(f"x: expected shape ({s}, B, C) and {self._spatial_dims} spatial dimension(s), "
+                             f"with the model axis first, got {tuple(x.shape)}")
         side = x.transpose(0, 1).flatten(1, 2)  # (B, S*C, ...)
         y = self._conv(side, _stacked_masked_weight(self), None if self.bias is None else self.bias.flatten(),
                        self.groups * s)

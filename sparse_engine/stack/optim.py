@@ -130,16 +130,26 @@ class StackedAdamW(_StackedOptimizer):
             raise ValueError(f"eps: expected a value >= 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            self._per_model_step(state)
+
+    def _per_model_step(self, state: dict) -> None:
+        """One step count per model (torch's float32 format, model k's at [k]), also from a state saved
+        with one count for all: a model whose state is cleared (IMP rewinding) restarts its bias
+        corrections, as a fresh torch AdamW does."""
+        step = state.get("step")
+        if step is None or step.dim() == 0:
+            state["step"] = torch.full((self.num_models,), 0.0 if step is None else float(step), dtype=torch.float32)
+
     def _update(self, p: Tensor, g: dict) -> None:
         beta1, beta2 = g["betas"]
         state = self.state[p]
         if not state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if "step" not in state or state["step"].dim() == 0:
-            # One step count per model (torch's float32 format, model k's at [k]): a model whose state
-            # was cleared (IMP rewinding) restarts its bias corrections, as a fresh torch AdamW does.
-            state["step"] = torch.full((self.num_models,), float(state.get("step", 0.0)), dtype=torch.float32)
+        self._per_model_step(state)
         state["step"] += 1
         # The bias corrections in Python floats, as torch's single-tensor AdamW computes them.
         steps = state["step"].tolist()

@@ -148,8 +148,8 @@ class _Stack:
         for p, name in self.names:
             for key, value in trial.optimizer.state.get(trial.model.get_parameter(name), {}).items():
                 state = self.optimizer.state[p]  # model k's at [k], AdamW's step count included
-                if key not in state:
-                    state[key] = torch.zeros((len(self.members), *value.shape), dtype=value.dtype, device=p.device)
+                if key not in state:  # on the trial's device for it (AdamW's step: the CPU, as torch keeps it)
+                    state[key] = torch.zeros((len(self.members), *value.shape), dtype=value.dtype, device=value.device)
                 state[key][k].copy_(value)
 
     @torch.no_grad()
