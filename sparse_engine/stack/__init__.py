@@ -23,18 +23,22 @@ Containers (``nn.Sequential``, a user's residual block) are kept and run their o
 A container whose ``forward`` calls functions that assume the batch is dimension 0
 (``torch.flatten(x, 1)``, ``F.adaptive_avg_pool2d``) needs those as modules (``nn.Flatten``,
 ``nn.AdaptiveAvgPool2d``), which are stacked. Stacked layers with parameters: Linear, Conv1d (the
-stacked conv2d on height-1 views), Conv2d, Embedding (one lookup in the K masked tables), BatchNorm,
-LayerNorm. Layers with parameters that have no stacked version (Conv3d, ConvTranspose, Bilinear,
-LSTM/GRU/RNN, MultiheadAttention) are refused by name.
+stacked conv2d on height-1 views), Conv2d, Conv3d and ConvTranspose1d/2d/3d (one grouped
+convolution), Bilinear (one ``einsum``), Embedding (one lookup in the K masked tables), BatchNorm,
+LayerNorm. Layers with parameters that have no stacked version (LSTM/GRU/RNN, MultiheadAttention)
+are refused by name.
 """
 from sparse_engine.ops.stacked_mask import pack_stacked_mask, unpack_stacked_mask
 from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d, stacked_masked_conv2d_ref
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear, stacked_masked_linear_ref
 from sparse_engine.stack.convert import StackedModel, stack, unstack
-from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedConv1d, StackedConv2d, StackedEmbedding,
-                                        StackedLayerNorm, StackedLinear, StackedMaskedLayer)
+from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedBilinear, StackedConv1d, StackedConv2d,
+                                        StackedConv3d, StackedConvTranspose1d, StackedConvTranspose2d,
+                                        StackedConvTranspose3d, StackedEmbedding, StackedLayerNorm, StackedLinear,
+                                        StackedMaskedLayer)
 
-__all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv1d", "StackedConv2d", "StackedEmbedding",
-           "StackedBatchNorm",
-           "StackedLayerNorm", "StackedMaskedLayer", "PerSample", "stacked_masked_linear", "stacked_masked_linear_ref",
-           "stacked_masked_conv2d", "stacked_masked_conv2d_ref", "pack_stacked_mask", "unpack_stacked_mask"]
+__all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv1d", "StackedConv2d", "StackedConv3d",
+           "StackedConvTranspose1d", "StackedConvTranspose2d", "StackedConvTranspose3d", "StackedBilinear",
+           "StackedEmbedding", "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "PerSample",
+           "stacked_masked_linear", "stacked_masked_linear_ref", "stacked_masked_conv2d", "stacked_masked_conv2d_ref",
+           "pack_stacked_mask", "unpack_stacked_mask"]

@@ -10,6 +10,7 @@ slice ``[k]``. :class:`PerModelLR` drives each model's learning rate by its own 
 ``LRScheduler`` (``StepLR``, the retraining schedules of ``sparse_engine.pruning.methods``...), and
 :func:`mask_stacked_optimizer` does what ``mask_optimizer`` does for each model's masks.
 """
+import functools
 import math
 import warnings
 from typing import Callable, Optional, Sequence, Union
@@ -119,6 +120,14 @@ class StackedSGD(_StackedOptimizer):
         p.addcmul_(self._view(g["lr"], p), d_p, value=-1)  # one pass, no lr * d_p temporary
 
 
+@functools.lru_cache(maxsize=8)
+def _bias_corrections(steps: tuple, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """AdamW's ``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per model (float64, read only), in Python floats as
+    torch's single-tensor AdamW computes them; computed once per step for all the parameters."""
+    return (torch.tensor([1 - beta1 ** t for t in steps], dtype=torch.float64),
+            torch.tensor([math.sqrt(1 - beta2 ** t) for t in steps], dtype=torch.float64))
+
+
 class StackedAdamW(_StackedOptimizer):
     """``torch.optim.AdamW`` (decoupled weight decay, no amsgrad) with ``lr`` and ``weight_decay`` per model."""
 
@@ -151,10 +160,7 @@ class StackedAdamW(_StackedOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self._per_model_step(state)
         state["step"] += 1
-        # The bias corrections in Python floats, as torch's single-tensor AdamW computes them.
-        steps = state["step"].tolist()
-        correction1 = torch.tensor([1 - beta1 ** t for t in steps], dtype=torch.float64)
-        correction2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** t) for t in steps], dtype=torch.float64)
+        correction1, correction2_sqrt = _bias_corrections(tuple(state["step"].tolist()), beta1, beta2)
         lr = self._view(g["lr"], p)
         p.mul_(1 - lr * self._view(g["weight_decay"], p))
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
