@@ -115,7 +115,8 @@ def transformer(vocab_size: int = 1000, d_model: int = 128, nhead: int = 4, num_
 
 
 class LSTMClassifier(nn.Module):
-    """Token embedding, multi-layer LSTM, linear head on the last time step."""
+    """Token embedding, multi-layer LSTM, linear head on the last time step. Its forward indexes time from the
+    end (dim -2), so it also runs on a stack's ``(K, B, T)`` tokens (``sparse_engine.stack``)."""
 
     def __init__(self, vocab_size: int = 1000, embed_dim: int = 64, hidden_size: int = 128, num_layers: int = 2,
                  num_classes: int = 10):
@@ -126,7 +127,7 @@ class LSTMClassifier(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         out, _ = self.lstm(self.embed(tokens))
-        return self.head(out[:, -1])
+        return self.head(out[..., -1, :])
 
 
 def lstm(vocab_size: int = 1000, embed_dim: int = 64, hidden_size: int = 128, num_layers: int = 2,

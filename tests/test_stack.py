@@ -32,8 +32,26 @@ class ResNetish(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-BUILDERS = {"mlp": fashion_mlp, "cnn": fashion_cnn, "resnet": ResNetish}
-SHAPES = {"mlp": (1, 28, 28), "cnn": (1, 28, 28), "resnet": (1, 9, 11)}
+class SeqNet(nn.Module):
+    """A bidirectional LSTM, a GRU, self-attention with a residual, LayerNorm, mean over time, a linear head:
+    written for ``(B, T, F)`` inputs, it also runs on a stack's ``(K, B, T, F)`` (time is dim -2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 3, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(6, 6, batch_first=True)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h, _ = self.gru(self.lstm(x)[0])
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.norm(h + a).mean(dim=-2))
+
+
+BUILDERS = {"mlp": fashion_mlp, "cnn": fashion_cnn, "resnet": ResNetish, "seq": SeqNet}
+SHAPES = {"mlp": (1, 28, 28), "cnn": (1, 28, 28), "resnet": (1, 9, 11), "seq": (7, 4)}
 
 
 def make_models(name, sparse=True, dtype=torch.float64):
@@ -162,11 +180,11 @@ def test_errors():
         stack([fashion_mlp(), fashion_cnn()])
     with pytest.raises(ValueError, match=r"models\[1\]: 'param 1.bias' is .*float64.* but .*float32"):
         stack([fashion_mlp(), fashion_mlp(num_classes=10).double()])
-    lstm = lambda: nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
-    with pytest.raises(TypeError, match="layer '1' of type LSTM has no stacked version"):
-        stack([lstm(), lstm()])
-    with pytest.raises(TypeError, match="layer '0' of type SparseGRU has no stacked version"):
-        stack([se.sparsify(nn.Sequential(nn.GRU(2, 3))) for _ in range(2)])
+    prelu = lambda: nn.Sequential(nn.Linear(4, 4), nn.PReLU())
+    with pytest.raises(TypeError, match="layer '1' of type PReLU has no stacked version"):
+        stack([prelu(), prelu()])
+    with pytest.raises(TypeError, match="layer '1' of type GroupNorm has no stacked version"):
+        stack([se.sparsify(nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4))) for _ in range(2)])
     with pytest.raises(ValueError, match="layer '0': stacking Embedding with max_norm or sparse=True"):
         stack([se.sparsify(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0))) for _ in range(2)])
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))

@@ -72,12 +72,12 @@ class SparseMultiheadAttention(MaskedModule, nn.MultiheadAttention):
         """q, k, v as ``F.multi_head_attention_forward`` computes them, through the masked op."""
         E, b = self.embed_dim, self.in_proj_bias
         if not self._qkv_same_embed_dim:
-            b_q, b_k, b_v = (None,) * 3 if b is None else b.chunk(3)
+            b_q, b_k, b_v = (None,) * 3 if b is None else b.chunk(3, dim=-1)
             return (self._project(query, "q_proj_weight", b_q), self._project(key, "k_proj_weight", b_k),
                     self._project(value, "v_proj_weight", b_v))
 
         def project(x, rows=None):
-            return self._project(x, "in_proj_weight", b if b is None or rows is None else b[rows], rows)
+            return self._project(x, "in_proj_weight", b if b is None or rows is None else b[..., rows], rows)
 
         if key is value:
             if query is key:  # self-attention: one call over all 3E rows
@@ -86,7 +86,12 @@ class SparseMultiheadAttention(MaskedModule, nn.MultiheadAttention):
             return project(query, slice(0, E)), k, v
         return tuple(project(x, slice(i * E, (i + 1) * E)) for i, x in enumerate((query, key, value)))
 
+    def _bias_kv(self, bsz: int) -> tuple[Tensor, Tensor]:
+        """``add_bias_kv``'s key and value rows for a batch of ``bsz``: ``(1, bsz, E)`` each."""
+        return self.bias_k.repeat(1, bsz, 1), self.bias_v.repeat(1, bsz, 1)
+
     def _out_projection(self, x: Tensor) -> Tensor:
+        """The output projection of ``x (L, batch, E)``."""
         if isinstance(self.out_proj, MaskedModule):
             return self.out_proj.forward(x)  # its masked forward, without module hooks (torch calls none either)
         return F.linear(x, self.out_proj.weight, self.out_proj.bias)
@@ -143,8 +148,8 @@ class SparseMultiheadAttention(MaskedModule, nn.MultiheadAttention):
             if attn_mask.dim() == 2:
                 attn_mask = attn_mask.unsqueeze(0)
         if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+            bias_k, bias_v = self._bias_kv(bsz)
+            k, v = torch.cat([k, bias_k]), torch.cat([v, bias_v])
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
         q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
@@ -174,8 +179,7 @@ class SparseMultiheadAttention(MaskedModule, nn.MultiheadAttention):
             weights = F.softmax(weights, dim=-1)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-            out = self._out_projection(out).view(tgt_len, bsz, -1)
+            out = self._out_projection(torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len, bsz, embed_dim))
             weights = weights.view(bsz, num_heads, tgt_len, src_len)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
@@ -192,5 +196,5 @@ class SparseMultiheadAttention(MaskedModule, nn.MultiheadAttention):
         k = k.view(bsz, num_heads, src_len, head_dim)
         v = v.view(bsz, num_heads, src_len, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-        out = self._out_projection(out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)).view(tgt_len, bsz, -1)
+        out = self._out_projection(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim))
         return (out if is_batched else out.squeeze(1)), None

@@ -24,21 +24,29 @@ A container whose ``forward`` calls functions that assume the batch is dimension
 (``torch.flatten(x, 1)``, ``F.adaptive_avg_pool2d``) needs those as modules (``nn.Flatten``,
 ``nn.AdaptiveAvgPool2d``), which are stacked. Stacked layers with parameters: Linear, Conv1d (the
 stacked conv2d on height-1 views), Conv2d, Conv3d and ConvTranspose1d/2d/3d (one grouped
-convolution), Bilinear (one ``einsum``), Embedding (one lookup in the K masked tables), BatchNorm,
-LayerNorm. Layers with parameters that have no stacked version (LSTM/GRU/RNN, MultiheadAttention)
-are refused by name.
+convolution), Bilinear (one ``einsum``), Embedding (one lookup in the K masked tables), LSTM/GRU/RNN
+(the recurrence written out with batched matrix products over the models, ``stack.recurrent``),
+MultiheadAttention (the stacked masked projections, the attention with the models folded into the
+batch, ``stack.attention``; ``nn.TransformerEncoderLayer`` runs its own forward on it), BatchNorm,
+LayerNorm. Layers with parameters that have no stacked version (GroupNorm, PReLU, a user's layer
+with its own Parameters) are refused by name. A stacked layer may mask several weights (an LSTM's
+``weight_ih_l0``, ``weight_hh_l0``, ...): ``StackedModel.masked_units`` lists one unit per masked
+Parameter, named as ``sparse_modules`` names the unstacked models' units.
 """
 from sparse_engine.ops.stacked_mask import pack_stacked_mask, unpack_stacked_mask
 from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d, stacked_masked_conv2d_ref
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear, stacked_masked_linear_ref
+from sparse_engine.stack.attention import StackedMultiheadAttention
 from sparse_engine.stack.convert import StackedModel, stack, unstack
 from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedBilinear, StackedConv1d, StackedConv2d,
                                         StackedConv3d, StackedConvTranspose1d, StackedConvTranspose2d,
                                         StackedConvTranspose3d, StackedEmbedding, StackedLayerNorm, StackedLinear,
-                                        StackedMaskedLayer)
+                                        StackedMaskedLayer, StackedMaskedWeight)
+from sparse_engine.stack.recurrent import StackedGRU, StackedLSTM, StackedRNN
 
 __all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv1d", "StackedConv2d", "StackedConv3d",
            "StackedConvTranspose1d", "StackedConvTranspose2d", "StackedConvTranspose3d", "StackedBilinear",
-           "StackedEmbedding", "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "PerSample",
+           "StackedEmbedding", "StackedLSTM", "StackedGRU", "StackedRNN", "StackedMultiheadAttention",
+           "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "StackedMaskedWeight", "PerSample",
            "stacked_masked_linear", "stacked_masked_linear_ref", "stacked_masked_conv2d", "stacked_masked_conv2d_ref",
            "pack_stacked_mask", "unpack_stacked_mask"]

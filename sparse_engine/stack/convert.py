@@ -1,14 +1,26 @@
 """``stack(models)`` and ``unstack(stacked)``: K models of one architecture <-> one stacked model."""
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from sparse_engine.stack.layers import PerSample, StackedLayer, StackedMaskedLayer, stacked_type
+from sparse_engine.nn.sparse_attention import SparseMultiheadAttention
+from sparse_engine.nn.sparse_bilinear import SparseBilinear
+from sparse_engine.nn.sparse_conv import SparseConv1d, SparseConv3d, _SparseConvTranspose
+from sparse_engine.nn.sparse_conv2d import SparseConv2d
+from sparse_engine.nn.sparse_embedding import SparseEmbedding
+from sparse_engine.nn.sparse_linear import SparseLinear
+from sparse_engine.nn.sparse_recurrent import _SparseRNNBase
+from sparse_engine.stack.attention import StackedMultiheadAttention
+from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedBilinear, StackedConv1d, StackedConv2d,
+                                        StackedConv3d, StackedConvTranspose1d, StackedConvTranspose2d,
+                                        StackedConvTranspose3d, StackedEmbedding, StackedLayer, StackedLayerNorm,
+                                        StackedLinear, StackedMaskedLayer)
+from sparse_engine.stack.recurrent import StackedGRU, StackedLSTM, StackedRNN
 
-_SUPPORTED = ("Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d/2d/3d, Bilinear, Embedding (and their sparse "
-              "versions), BatchNorm1d/2d/3d, LayerNorm")
+_SUPPORTED = ("Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d/2d/3d, Bilinear, Embedding, LSTM, GRU, RNN, "
+              "MultiheadAttention (and their sparse versions), BatchNorm1d/2d/3d, LayerNorm")
 
 
 class StackedModel(nn.Module):
@@ -37,8 +49,15 @@ class StackedModel(nn.Module):
         return self.module(x, *args, **kwargs)
 
     def masked_layers(self) -> list[tuple[str, StackedMaskedLayer]]:
-        """``(name, layer)`` of every stacked layer with per-model masks, in module order."""
+        """``(name, layer)`` of every stacked layer with per-model masks, in module order (a MultiheadAttention's
+        ``out_proj`` included)."""
         return [(n, m) for n, m in self.module.named_modules() if isinstance(m, StackedMaskedLayer)]
+
+    def masked_units(self) -> list[tuple[str, object]]:
+        """``(name, unit)`` per masked Parameter: the layer itself where ``weight`` is its only masked
+        Parameter, else a ``StackedMaskedWeight`` per Parameter; the names ``sparse_modules`` gives the
+        unstacked models' units."""
+        return [u for n, m in self.masked_layers() for u in m.mask_units(n)]
 
     def extra_repr(self) -> str:
         return f"num_models={self.num_models}"
@@ -106,9 +125,13 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     """
     models = _check_models(models)
     check_stackable(models[0], "models")
-    memo = {}
+    memo, inner = {}, set()
     for name, module in models[0].named_modules():
+        if id(module) in inner:  # held by a stacked layer (MultiheadAttention's out_proj): it stacks it
+            continue
         cls = stacked_type(module)
+        if cls is not None or not module._modules:
+            inner.update(id(c) for c in module.modules() if c is not module)
         if cls is not None:
             memo[id(module)] = cls.from_modules([m.get_submodule(name) for m in models])
         elif not module._modules:
@@ -119,12 +142,25 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     return stacked
 
 
+def stacked_layers(module: nn.Module) -> list[nn.Module]:
+    """The stacked layers (and ``PerSample`` wrappers) of a stacked module tree, not those held inside
+    another stacked layer (which the holder unstacks)."""
+    out, inner = [], set()
+    for m in module.modules():
+        if id(m) in inner:
+            continue
+        if isinstance(m, (StackedLayer, PerSample)):
+            out.append(m)
+            inner.update(id(c) for c in m.modules() if c is not m)
+    return out
+
+
 def unstack(stacked: StackedModel) -> list[nn.Module]:
     """The K models of ``stacked`` as ordinary sparse models (weights, masks, buffers: fresh tensors, bit-identical
     to the stack's). Dense layers of the stacked models come back as sparse layers with their masks."""
     if not isinstance(stacked, StackedModel):
         raise TypeError(f"stacked: expected a StackedModel (from stack), got {type(stacked).__name__}")
-    layers = [m for m in stacked.module.modules() if isinstance(m, (StackedLayer, PerSample))]
+    layers = stacked_layers(stacked.module)
     out = []
     with torch.no_grad():
         for i in range(stacked.num_models):
@@ -132,3 +168,36 @@ def unstack(stacked: StackedModel) -> list[nn.Module]:
             model.train(stacked.training)
             out.append(model)
     return out
+
+
+def stacked_type(module: nn.Module) -> Optional[type]:
+    """The stacked class for a layer, or None when it has no stacked version."""
+    # A subclass that overrides forward may compute something else with its weight: not stacked.
+    if isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, SparseLinear.forward):
+        return StackedLinear
+    if isinstance(module, nn.Conv2d) and type(module).forward in (nn.Conv2d.forward, SparseConv2d.forward):
+        return StackedConv2d
+    if isinstance(module, nn.Conv1d) and type(module).forward in (nn.Conv1d.forward, SparseConv1d.forward):
+        return StackedConv1d
+    if isinstance(module, nn.Embedding) and type(module).forward in (nn.Embedding.forward, SparseEmbedding.forward):
+        return StackedEmbedding
+    if isinstance(module, nn.Conv3d) and type(module).forward in (nn.Conv3d.forward, SparseConv3d.forward):
+        return StackedConv3d
+    for dense, stacked in ((nn.ConvTranspose1d, StackedConvTranspose1d), (nn.ConvTranspose2d, StackedConvTranspose2d),
+                           (nn.ConvTranspose3d, StackedConvTranspose3d)):
+        if isinstance(module, dense) and type(module).forward in (dense.forward, _SparseConvTranspose.forward):
+            return stacked
+    if isinstance(module, nn.Bilinear) and type(module).forward in (nn.Bilinear.forward, SparseBilinear.forward):
+        return StackedBilinear
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        return StackedBatchNorm
+    if type(module) is nn.LayerNorm:
+        return StackedLayerNorm
+    for dense, stacked in ((nn.LSTM, StackedLSTM), (nn.GRU, StackedGRU), (nn.RNN, StackedRNN)):
+        if isinstance(module, dense) and type(module).forward in (dense.forward, _SparseRNNBase.forward):
+            return stacked
+    if isinstance(module, nn.MultiheadAttention) and type(module).forward in (
+            nn.MultiheadAttention.forward, SparseMultiheadAttention.forward):
+        return StackedMultiheadAttention
+    return None
+

@@ -16,12 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_engine.nn.conversion import convert_module
-from sparse_engine.nn.masked_module import MaskedModule
-from sparse_engine.nn.sparse_conv2d import SparseConv2d, explicit_padding
-from sparse_engine.nn.sparse_linear import SparseLinear
-from sparse_engine.nn.sparse_bilinear import SparseBilinear
-from sparse_engine.nn.sparse_conv import SparseConv1d, SparseConv3d, _SparseConvTranspose
-from sparse_engine.nn.sparse_embedding import SparseEmbedding
+from sparse_engine.nn.masked_module import MaskedModule, mask_buffer_name
+from sparse_engine.nn.sparse_conv2d import explicit_padding
 from sparse_engine.ops.masked_weight import masked_weight_for_op
 from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, stacked_packed_shape,
                                             unpack_stacked_mask)
@@ -35,7 +31,12 @@ def _prototype(module: nn.Module) -> nn.Module:
 
 
 class StackedLayer(nn.Module):
-    """Base of the stacked layers: ``num_models``, the prototype, and stacking of Parameters and buffers."""
+    """Base of the stacked layers: ``num_models``, the prototype, and stacking of Parameters and buffers.
+
+    A stacked layer may hold stacked layers of its children (MultiheadAttention's ``out_proj``):
+    ``unstacked`` and ``load_slice_`` recurse into them."""
+
+    _skipped_buffers: frozenset = frozenset()  # buffers that are not the models' (the stacked masks)
 
     def __init__(self, modules: Sequence[nn.Module]):
         super().__init__()
@@ -62,83 +63,190 @@ class StackedLayer(nn.Module):
         """Why ``module``'s options have no stacked version (None: they do)."""
         return None
 
+    def models_tensors(self) -> list[tuple[str, Tensor]]:
+        """``(name, stacked tensor)`` of this layer's own Parameters and buffers that hold the models' values
+        (model i's at ``[i]``); not the stacked masks, not the children's."""
+        return [(n, t) for n, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))
+                if n not in self._skipped_buffers]
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.num_models:
+            raise IndexError(f"i: expected a model index in [0, {self.num_models}), got {i}")
+
     @torch.no_grad()
     def unstacked(self, i: int) -> nn.Module:
         """Model ``i``'s layer as an ordinary (sparse where masked) layer: fresh tensors, bit-identical values."""
-        if not 0 <= i < self.num_models:
-            raise IndexError(f"i: expected a model index in [0, {self.num_models}), got {i}")
-        tensors = list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))
-        layer = copy.deepcopy(self._prototype).to_empty(device=tensors[0][1].device)
+        self._check_index(i)
+        tensors = self.models_tensors()
+        device = (tensors[0][1] if tensors else next(self.parameters())).device
+        layer = copy.deepcopy(self._prototype).to_empty(device=device)
         for name, t in tensors:
-            if name != "mask_bits":
-                getattr(layer, name).copy_(t[i])
+            getattr(layer, name).copy_(t[i])
+        for name, child in self._modules.items():
+            setattr(layer, name, child.unstacked(i))
         return layer
 
     @torch.no_grad()
     def load_slice_(self, i: int, module: nn.Module) -> None:
         """Write ``module`` (an ordinary layer of model ``i``'s architecture, as ``unstacked(i)`` gives) into
         model ``i``'s slices: the inverse of ``unstacked``."""
-        if not 0 <= i < self.num_models:
-            raise IndexError(f"i: expected a model index in [0, {self.num_models}), got {i}")
-        for name, t in list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False)):
-            if name != "mask_bits":
-                src = getattr(module, name, None)
-                if not isinstance(src, Tensor) or src.shape != t.shape[1:]:
-                    raise ValueError(f"module: expected {name!r} of shape {tuple(t.shape[1:])}, got "
-                                     f"{getattr(src, 'shape', type(src).__name__)}")
-                t[i].copy_(src)
+        self._check_index(i)
+        for name, t in self.models_tensors():
+            src = getattr(module, name, None)
+            if not isinstance(src, Tensor) or src.shape != t.shape[1:]:
+                raise ValueError(f"module: expected {name!r} of shape {tuple(t.shape[1:])}, got "
+                                 f"{getattr(src, 'shape', type(src).__name__)}")
+            t[i].copy_(src)
+        for name, child in self._modules.items():
+            child.load_slice_(i, getattr(module, name))
+
+
+class StackedMaskedWeight:
+    """One masked Parameter of a stacked layer that masks several (LSTM, MultiheadAttention): the interface
+    of a single-weight stacked layer (``weight``, ``mask``, ``mask_bits``, ``set_mask``, ``apply_mask_``,
+    ``mask_version``), as ``MaskedWeight`` is for a sparse layer."""
+    __slots__ = ("layer", "name")
+
+    def __init__(self, layer: "StackedMaskedLayer", name: str):
+        self.layer, self.name = layer, name
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.layer, self.name)
+
+    @property
+    def mask_bits(self) -> Tensor:
+        return self.layer.mask_bits_of(self.name)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.layer.mask_of(self.name)
+
+    @property
+    def mask_version(self) -> int:
+        return self.layer._mask_versions[self.name]
+
+    def set_mask(self, mask: Tensor) -> None:
+        self.layer.set_mask(mask, self.name)
+
+    def apply_mask_(self) -> None:
+        self.layer.apply_mask_(self.name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StackedMaskedWeight) and other.layer is self.layer and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash((id(self.layer), self.name))
+
+    def __repr__(self) -> str:
+        return f"StackedMaskedWeight({type(self.layer).__name__}.{self.name}, shape={tuple(self.weight.shape)})"
 
 
 class StackedMaskedLayer(StackedLayer):
-    """A stacked layer whose ``weight`` carries one bit-packed mask per model (the buffer ``mask_bits``)."""
+    """A stacked layer whose masked weights carry one bit-packed mask per model: ``weight`` and its buffer
+    ``mask_bits`` (Linear, Conv, ...), or several (``masked_weight_names``: LSTM's ``weight_ih_l0``, ...,
+    with buffers ``<name>_mask_bits``, as in the sparse layers)."""
 
     def __init__(self, modules: Sequence[nn.Module]):
         super().__init__(modules)
-        masks = [m.mask if isinstance(m, MaskedModule) else torch.ones_like(m.weight, dtype=torch.bool)
-                 for m in modules]
-        self.backend = modules[0].backend if isinstance(modules[0], MaskedModule) else "triton"
-        self.register_buffer("mask_bits", torch.empty(stacked_packed_shape(self.weight.shape), dtype=torch.int32,
-                                                      device=self.weight.device))
-        self.mask_version = 0
-        self.set_mask(torch.stack(masks))
+        first = modules[0]
+        self.backend = first.backend if isinstance(first, MaskedModule) else "triton"
+        self._masked_names = self.masked_weight_names(first)
+        self._skipped_buffers = frozenset(mask_buffer_name(n) for n in self._masked_names)
+        self._mask_versions = {}
+        for n in self._masked_names:
+            masks = [m.mask_of(n) if isinstance(m, MaskedModule) and n in m._masked_names
+                     else torch.ones_like(getattr(m, n), dtype=torch.bool) for m in modules]
+            w = getattr(self, n)
+            self.register_buffer(mask_buffer_name(n), torch.empty(stacked_packed_shape(w.shape), dtype=torch.int32,
+                                                                  device=w.device))
+            self._mask_versions[n] = 0
+            self.set_mask(torch.stack(masks), n)
+
+    @classmethod
+    def masked_weight_names(cls, module: nn.Module) -> tuple[str, ...]:
+        """The Parameters of ``module`` (a layer of the stacked type) that carry masks."""
+        return ("weight",)
+
+    def mask_bits_of(self, name: str = "weight") -> Tensor:
+        if name not in self._masked_names:
+            raise ValueError(f"name: {name!r} is not a masked weight of {type(self).__name__}; its masked weights "
+                             f"are {list(self._masked_names)}")
+        return self._buffers[mask_buffer_name(name)]
+
+    def mask_of(self, name: str = "weight") -> Tensor:
+        """The masks of all models for Parameter ``name``, bool ``(S, *its shape[1:])``. A fresh tensor."""
+        return unpack_stacked_mask(self.mask_bits_of(name), getattr(self, name).shape)
 
     @property
     def mask(self) -> Tensor:
         """The masks of all models, bool ``(S, *weight_shape)`` (True = kept). A fresh tensor."""
-        return unpack_stacked_mask(self.mask_bits, self.weight.shape)
+        return self.mask_of("weight")
+
+    @property
+    def mask_version(self) -> int:
+        """Increases whenever ``set_mask`` changes the mask of ``weight`` (the optimizer masking reads it)."""
+        return self._mask_versions["weight"]
+
+    def bump_mask_versions(self) -> None:
+        """Tell the optimizer masking that masks changed (views of the stack wrote them: ``stack.pruning``)."""
+        for n in self._mask_versions:
+            self._mask_versions[n] += 1
+
+    def mask_units(self, prefix: str) -> list[tuple[str, object]]:
+        """``(name, unit)`` per masked Parameter, named as ``sparse_modules`` names the sparse layer's units."""
+        if self._masked_names == ("weight",):
+            return [(prefix, self)]
+        return [(f"{prefix}.{n}" if prefix else n, StackedMaskedWeight(self, n)) for n in self._masked_names]
 
     @torch.no_grad()
-    def set_mask(self, mask: Tensor) -> None:
-        """Set every model's mask (bool, the stacked weight's shape) and zero the pruned weights."""
+    def set_mask(self, mask: Tensor, name: str = "weight") -> None:
+        """Set every model's mask of Parameter ``name`` (bool, the stacked weight's shape) and zero the pruned
+        weights."""
+        bits = self.mask_bits_of(name)
+        w = getattr(self, name)
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool torch.Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.shape != self.weight.shape:
-            raise ValueError(f"mask: expected shape {tuple(self.weight.shape)} (the stacked weight's), "
-                             f"got {tuple(mask.shape)}")
-        self.mask_bits.copy_(pack_stacked_mask(mask.to(self.weight.device)))
-        self.weight.masked_fill_(~mask.to(self.weight.device), 0)
-        self.mask_version += 1  # tells the optimizer masking to clear the state of newly pruned entries
+        if mask.shape != w.shape:
+            raise ValueError(f"mask: expected shape {tuple(w.shape)} (the stacked {name}'s), got {tuple(mask.shape)}")
+        bits.copy_(pack_stacked_mask(mask.to(w.device)))
+        w.masked_fill_(~mask.to(w.device), 0)
+        self._mask_versions[name] += 1  # tells the optimizer masking to clear the state of newly pruned entries
 
     @torch.no_grad()
-    def apply_mask_(self) -> None:
-        """Zero every model's weights at its pruned positions."""
-        self.weight.masked_fill_(~self.mask, 0)
+    def apply_mask_(self, name: Optional[str] = None) -> None:
+        """Zero every model's weights at its pruned positions (all masked weights, or Parameter ``name``)."""
+        for n in self._masked_names if name is None else (name,):
+            getattr(self, n).masked_fill_(~self.mask_of(n), 0)
+
+    def _masked_weight(self, name: str = "weight", weight: Optional[Tensor] = None) -> Tensor:
+        """``W*M`` of every model for Parameter ``name`` (or for ``weight``, a tensor of its shape), shaped as the
+        stacked weight, for a torch op that reads it and keeps no alias (``masked_weight_for_op``: exact-zero
+        gradients at pruned entries)."""
+        w = getattr(self, name) if weight is None else weight
+        return masked_weight_for_op(w.flatten(0, 1), self.mask_bits_of(name).flatten(0, 1)).view(w.shape)
 
     @torch.no_grad()
     def unstacked(self, i: int) -> MaskedModule:
         layer = super().unstacked(i)
         if not isinstance(layer, MaskedModule):
             convert_module(layer, self.backend)
-        layer.set_mask(self.mask[i])
+        if layer._masked_names != self._masked_names:  # a sparse layer with some weights left dense
+            layer._init_masks(self.backend, names=self._masked_names)
+        for n in self._masked_names:
+            layer.set_mask(self.mask_of(n)[i], n)
         return layer
 
     @torch.no_grad()
     def load_slice_(self, i: int, module: nn.Module) -> None:
         super().load_slice_(i, module)
-        mask = module.mask if isinstance(module, MaskedModule) else torch.ones_like(module.weight, dtype=torch.bool)
-        self.mask_bits[i].copy_(pack_stacked_mask(mask[None].to(self.weight.device))[0])
-        self.weight[i].masked_fill_(~mask.to(self.weight.device), 0)
-        self.mask_version += 1
+        for n in self._masked_names:
+            w = getattr(self, n)
+            mask = (module.mask_of(n) if isinstance(module, MaskedModule) and n in module._masked_names
+                    else torch.ones_like(getattr(module, n), dtype=torch.bool))
+            self.mask_bits_of(n)[i].copy_(pack_stacked_mask(mask[None].to(w.device))[0])
+            w[i].masked_fill_(~mask.to(w.device), 0)
+            self._mask_versions[n] += 1
 
 
 class StackedLinear(StackedMaskedLayer):
@@ -190,13 +298,6 @@ class StackedConv1d(StackedConv2d):
         return y.squeeze(-2)
 
 
-def _stacked_masked_weight(layer: StackedMaskedLayer) -> Tensor:
-    """``W*M`` of every model, ``(S * rows, ...)``: model s's rows are rows ``s * rows + r`` (the packed layout
-    of ``stacked_mask``), differentiable with exact-zero gradients at pruned entries. For the stacked layers
-    that run one grouped torch op on it (Conv3d, ConvTranspose, Bilinear), which reads it and keeps no alias."""
-    return masked_weight_for_op(layer.weight.flatten(0, 1), layer.mask_bits.flatten(0, 1))
-
-
 class _StackedGroupedConv(StackedMaskedLayer):
     """S masked convolutions as one convolution with ``groups * S`` groups: the models' channels side by
     side, ``(S, B, C, ...) -> (B, S*C, ...)``, each model's weight its own groups. Input ``(S, B, C, *spatial)``."""
@@ -219,7 +320,7 @@ class _StackedGroupedConv(StackedMaskedLayer):
             raise ValueError(f"x: expected shape ({s}, B, C) and {self._spatial_dims} spatial dimension(s), "
                              f"with the model axis first, got {tuple(x.shape)}")
         side = x.transpose(0, 1).flatten(1, 2)  # (B, S*C, ...)
-        y = self._conv(side, _stacked_masked_weight(self), None if self.bias is None else self.bias.flatten(),
+        y = self._conv(side, self._masked_weight().flatten(0, 1), None if self.bias is None else self.bias.flatten(),
                        self.groups * s)
         return y.unflatten(1, (s, -1)).transpose(0, 1)  # (S, B, Co, ...), a view of (B, S, Co, ...)
 
@@ -272,7 +373,7 @@ class StackedBilinear(StackedMaskedLayer):
             raise ValueError(f"x1: expected shape ({s}, ..., {in1}), got {tuple(x1.shape)}")
         if x2.shape[:-1] != x1.shape[:-1] or x2.shape[-1] != in2:
             raise ValueError(f"x2: expected shape {tuple(x1.shape[:-1]) + (in2,)}, got {tuple(x2.shape)}")
-        weight = _stacked_masked_weight(self).view(s, out, in1, in2)
+        weight = self._masked_weight()
         y = torch.einsum("sbi,soij,sbj->sbo", x1.reshape(s, -1, in1), weight, x2.reshape(s, -1, in2))
         if self.bias is not None:
             y = y + self.bias.unsqueeze(1)
@@ -395,30 +496,3 @@ class PerSample(nn.Module):
 
     def unstacked(self, i: int) -> nn.Module:
         return copy.deepcopy(self.module)
-
-
-def stacked_type(module: nn.Module) -> Optional[type]:
-    """The stacked class for a layer, or None when it has no stacked version."""
-    # A subclass that overrides forward may compute something else with its weight: not stacked.
-    if isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, SparseLinear.forward):
-        return StackedLinear
-    if isinstance(module, nn.Conv2d) and type(module).forward in (nn.Conv2d.forward, SparseConv2d.forward):
-        return StackedConv2d
-    if isinstance(module, nn.Conv1d) and type(module).forward in (nn.Conv1d.forward, SparseConv1d.forward):
-        return StackedConv1d
-    if isinstance(module, nn.Embedding) and type(module).forward in (nn.Embedding.forward, SparseEmbedding.forward):
-        return StackedEmbedding
-    if isinstance(module, nn.Conv3d) and type(module).forward in (nn.Conv3d.forward, SparseConv3d.forward):
-        return StackedConv3d
-    for dense, stacked in ((nn.ConvTranspose1d, StackedConvTranspose1d), (nn.ConvTranspose2d, StackedConvTranspose2d),
-                           (nn.ConvTranspose3d, StackedConvTranspose3d)):
-        if isinstance(module, dense) and type(module).forward in (dense.forward, _SparseConvTranspose.forward):
-            return stacked
-    if isinstance(module, nn.Bilinear) and type(module).forward in (nn.Bilinear.forward, SparseBilinear.forward):
-        return StackedBilinear
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        return StackedBatchNorm
-    if type(module) is nn.LayerNorm:
-        return StackedLayerNorm
-    return None
-

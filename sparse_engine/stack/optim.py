@@ -240,7 +240,7 @@ class StackedMaskedOptimizer(MaskedOptimizer):
     def __init__(self, optimizer: Optimizer, stacked: StackedModel, zero_after_step: bool = True):
         self.zero_after_step = zero_after_step
         # the parent's __init__ finds sparse layers with sparse_modules; here the units are stacked layers
-        layers = {id(m.weight): m for _, m in stacked.masked_layers()}
+        layers = {id(u.weight): u for _, u in stacked.masked_units()}
         if not layers:
             raise ValueError("stacked: expected a stacked model with masked layers, found none")
         self.optimizer = optimizer
@@ -252,8 +252,8 @@ class StackedMaskedOptimizer(MaskedOptimizer):
                          optimizer.register_step_post_hook(self._after_step)]
 
     @staticmethod
-    def _zero_pruned(value: Tensor, layer) -> None:
-        value.masked_fill_(~layer.mask, 0)  # stacked bits: one mask per model
+    def _zero_pruned(value: Tensor, unit) -> None:
+        value.masked_fill_(~unit.mask, 0)  # stacked bits: one mask per model
 
     def _after_step(self, optimizer, args, kwargs):
         if self.zero_after_step:

@@ -36,12 +36,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sparse_engine.nn.conversion import convert_module
-from sparse_engine.nn.masked_module import MaskedModule
+from sparse_engine.nn.masked_module import MaskedModule, mask_buffer_name
 from sparse_engine.nn.sparsify import sparse_modules
 from sparse_engine.pruning.select import granularity as _granularity
 from sparse_engine.pruning.select import prune as _prune_module
-from sparse_engine.stack.convert import StackedModel
-from sparse_engine.stack.layers import PerSample, StackedLayer, StackedMaskedLayer
+from sparse_engine.stack.convert import StackedModel, stacked_layers
+from sparse_engine.stack.layers import StackedLayer, StackedMaskedLayer
 from sparse_engine.stack.optim import StackedAdamW, StackedSGD, _StackedOptimizer
 
 
@@ -50,13 +50,18 @@ def _view_layer(layer: StackedLayer, i: int) -> nn.Module:
     for name, p in layer._parameters.items():
         if p is not None:
             out._parameters[name] = nn.Parameter(p.detach()[i], requires_grad=p.requires_grad)
-    for name, b in layer._buffers.items():
-        if b is not None and name != "mask_bits":
+    for name, b in layer.models_tensors():
+        if name in layer._buffers:
             out._buffers[name] = b[i]
+    for name, child in layer._modules.items():
+        out._modules[name] = _view_layer(child, i)
     if isinstance(layer, StackedMaskedLayer):
         if not isinstance(out, MaskedModule):
             convert_module(out, layer.backend)
-        out._buffers["mask_bits"] = layer.mask_bits[i]
+        if out._masked_names != layer._masked_names:
+            out._init_masks(layer.backend, names=layer._masked_names)
+        for n in layer._masked_names:
+            out._buffers[mask_buffer_name(n)] = layer.mask_bits_of(n)[i]
     return out
 
 
@@ -65,7 +70,7 @@ def model_views(stacked: StackedModel) -> list[nn.Module]:
     what is written into view k (``set_mask``, in-place weight changes) is written into model k of the stack."""
     if not isinstance(stacked, StackedModel):
         raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
-    layers = [m for m in stacked.module.modules() if isinstance(m, (StackedLayer, PerSample))]
+    layers = stacked_layers(stacked.module)
     views = []
     for i in range(stacked.num_models):
         memo = {id(m): (_view_layer(m, i) if isinstance(m, StackedLayer) else m.unstacked(i)) for m in layers}
@@ -373,7 +378,7 @@ class StackedPruners:
         after = self._versions()
         if after != before:  # the stacked optimizer masking clears the state of newly pruned entries
             for _, layer in self.stacked.masked_layers():
-                layer.mask_version += 1
+                layer.bump_mask_versions()
         for k, e in enumerate(errors):
             if e is None:
                 continue

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_engine.stack import stack
-from sparse_engine.stack.convert import check_stackable
+from sparse_engine.stack.convert import check_stackable, stacked_layers
 from sparse_engine.stack.layers import StackedLayer
 from sparse_engine.stack.optim import PerModelLR, StackedAdamW, StackedSGD, mask_stacked_optimizer
 from sparse_engine.ops.dispatch import time_ms
@@ -104,7 +104,9 @@ class _Stack:
         trials = [m.trial for m in members]
         self.device = trials[0].device
         self.model = stack([t.model for t in trials])
-        self.layers = [(n, m) for n, m in self.model.module.named_modules() if isinstance(m, StackedLayer)]
+        layers = {id(m) for m in stacked_layers(self.model.module)}
+        self.layers = [(n, m) for n, m in self.model.module.named_modules() if id(m) in layers
+                       and isinstance(m, StackedLayer)]
         self.optimizer = stacked_optimizer(self.model, [t.config["pretrain" if t.pretrain else "train"]["optimizer"]
                                                         for t in trials])
         mask_stacked_optimizer(self.optimizer, self.model)
