@@ -1,7 +1,9 @@
 """Training throughput of K stacked sparse models against the same K models trained one after another.
 
 For the demo's MLP (784-300-100-10) and CNN (sparse_engine.models) on Fashion-MNIST-shaped batches
-(B x 1 x 28 x 28, 10 classes), K sparse models with different masks (sparsity 0.5 to 0.95) and
+(B x 1 x 28 x 28, 10 classes), and the zoo's LSTM classifier (embedding 64, two LSTM layers of 128,
+B x 32 tokens; its stacked LSTM layers run whichever of their two implementations dispatch measures
+faster, see sparse_engine.stack.recurrent), K sparse models with different masks (sparsity 0.5 to 0.95) and
 different learning rates, SGD with momentum 0.9. One measured step of
 
   sequential   the K models one after another, as a sweep runs them today: per model zero_grad,
@@ -22,7 +24,9 @@ The bound of stacking on the device, with no masks at all, in the same run (--no
                      cannot update in place)
 
 If the dense vmap stack is not faster than the dense models one after another, no masked stack can
-be: the step is bound by the models' arithmetic, not by per-model overhead.
+be: the step is bound by the models' arithmetic, not by per-model overhead. (For the LSTM, vmap has no
+batching rule for torch's fused recurrent kernel and falls back to a loop over the models: there the
+dense vmap column is that fallback, not a bound.)
 
 The
 two are timed in interleaved rounds (a slow spell of a shared machine hits both alike), medians
@@ -35,7 +39,9 @@ same weights.
   python bench/bench_stack.py --device cpu --quick --out-dir /tmp/s   # smoke test: K = 1, 4, batch 16
 
 Results: one JSON line per (model, K, method) appended to <out-dir>/stack_<device>.jsonl, and the
-run's table rewritten to <out-dir>/stack_<device>.md.
+run's table rewritten to <out-dir>/stack_<device>.md (a run of some of the models: stack_<models>_<device>).
+
+  python bench/bench_stack.py --device cpu --models lstm --ks 1 2 4 8 16   # -> stack_lstm_cpu-<cpu>.md
 """
 import argparse
 import copy
@@ -50,12 +56,20 @@ from record import (add_run_arguments, check_run_arguments, command_line, device
 from timing import cpu_peak_bytes, cuda_peak_bytes, interleaved_ms
 
 from sparse_engine import mask_optimizer, sparse_modules, sparsify
-from sparse_engine.models import fashion_cnn, fashion_mlp
+from sparse_engine.models import fashion_cnn, fashion_mlp, lstm
 from sparse_engine.stack import stack
 from sparse_engine.stack.optim import StackedSGD, mask_stacked_optimizer
 
 BENCH = "stack"
-MODELS = {"mlp": fashion_mlp, "cnn": fashion_cnn}
+MODELS = {"mlp": fashion_mlp, "cnn": fashion_cnn, "lstm": lstm}
+SEQUENCE = 32  # the LSTM's tokens per example (the zoo model's defaults: vocabulary 1000, 10 classes)
+
+
+def inputs(model: str, k: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    """K batches of the model's inputs: Fashion-MNIST-shaped images, or token sequences for the LSTM."""
+    if model == "lstm":
+        return torch.randint(0, 1000, (k, batch, SEQUENCE), generator=g)
+    return torch.randn(k, batch, 1, 28, 28, generator=g)
 KS, QUICK_KS = (1, 2, 4, 8, 16, 32), (1, 4)
 ROUNDS, REPS = 3, 3
 
@@ -81,7 +95,7 @@ class Case:
             mask_optimizer(o, m)
         self.stacked_opt = StackedSGD(self.stacked, lr=self.lrs, momentum=0.9)
         mask_stacked_optimizer(self.stacked_opt, self.stacked)
-        self.batches = [(torch.randn(k, batch, 1, 28, 28, generator=g).to(device),
+        self.batches = [(inputs(model, k, batch, g).to(device),
                          torch.randint(0, 10, (k, batch), generator=g).to(device)) for _ in range(2)]
 
     def dense_bound(self, lrs: list, device: torch.device) -> None:
@@ -224,8 +238,10 @@ def main(argv=None) -> None:
         for k in ks:
             print(f"{model} K={k} ...", flush=True)
             rows += bench_case(model, k, batch, device, args, meta)
-    write_results(out_dir, f"{BENCH}_{device_slug(device)}", rows, markdown(rows, meta, command_line("bench_stack.py",
-                                                                                                      argv)))
+    # a run of some of the models writes its own files (stack_lstm_<device>.md), not over the full table
+    name = BENCH if list(args.models) == list(MODELS) else "_".join([BENCH] + list(args.models))
+    write_results(out_dir, f"{name}_{device_slug(device)}", rows, markdown(rows, meta, command_line("bench_stack.py",
+                                                                                                   argv)))
 
 
 if __name__ == "__main__":

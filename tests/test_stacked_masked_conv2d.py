@@ -59,8 +59,8 @@ def test_forward_backward_match_reference(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_materialized_implementation_matches_reference(case, dtype):
-    """The other implementation dispatch may pick: the grouped vendor conv on masked_weight's W*M
-    (autograd through the masked_weight op): same values, exact-zero pruned dW."""
+    """The other implementation dispatch may pick (on CPU the vendor conv once per model on its masked weight,
+    through masked_weight_for_op): same values, exact-zero pruned dW."""
     from sparse_engine.ops import dispatch
     before = dispatch.pinned()
     dispatch.pin("materialized")
