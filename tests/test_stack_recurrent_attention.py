@@ -269,6 +269,17 @@ def test_load_slice_recurses_into_out_proj():
     assert isinstance(back, SeqNet) and back.attn.out_proj.input_kind is None
 
 
+def test_dense_attention_comes_back_sparse_with_out_proj_called_by_its_parent():
+    """A dense MultiheadAttention's out_proj unstacks (and views, for the pruners) as sparsify converts it:
+    without an input kind, since the attention calls its forward function without hooks."""
+    from sparse_engine.stack.pruning import model_views
+    stacked = stack([Wrap(nn.MultiheadAttention(4, 2)) for _ in range(2)])
+    for model in unstack(stacked) + model_views(stacked):
+        assert isinstance(model.layer, se.SparseMultiheadAttention)
+        assert isinstance(model.layer.out_proj, se.MaskedModule) and model.layer.out_proj.input_kind is None
+    assert se.sparsify(Wrap(nn.MultiheadAttention(4, 2))).layer.out_proj.input_kind is None
+
+
 def test_errors():
     stacked = stack([nn.Sequential(nn.LSTM(4, 3, batch_first=True)) for _ in range(2)])
     lstm = stacked.module[0]

@@ -34,6 +34,7 @@ class StackedMultiheadAttention(StackedMaskedLayer):
             if attr not in self._parameters:
                 setattr(self, attr, None)
         self.out_proj = StackedLinear.from_modules([m.out_proj for m in modules])
+        self.out_proj.called_by_parent = True
 
     @classmethod
     def masked_weight_names(cls, module: nn.Module) -> tuple[str, ...]:

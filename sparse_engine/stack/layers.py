@@ -147,6 +147,10 @@ class StackedMaskedLayer(StackedLayer):
     ``mask_bits`` (Linear, Conv, ...), or several (``masked_weight_names``: LSTM's ``weight_ih_l0``, ...,
     with buffers ``<name>_mask_bits``, as in the sparse layers)."""
 
+    # The parent computes with this layer's weight without calling its forward (MultiheadAttention's
+    # out_proj): the sparse layers it unstacks to are converted as such (``convert_module``).
+    called_by_parent = False
+
     def __init__(self, modules: Sequence[nn.Module]):
         super().__init__(modules)
         first = modules[0]
@@ -230,7 +234,7 @@ class StackedMaskedLayer(StackedLayer):
     def unstacked(self, i: int) -> MaskedModule:
         layer = super().unstacked(i)
         if not isinstance(layer, MaskedModule):
-            convert_module(layer, self.backend)
+            convert_module(layer, self.backend, called_by_parent=self.called_by_parent)
         if layer._masked_names != self._masked_names:  # a sparse layer with some weights left dense
             layer._init_masks(self.backend, names=self._masked_names)
         for n in self._masked_names:

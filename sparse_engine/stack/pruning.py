@@ -57,7 +57,7 @@ def _view_layer(layer: StackedLayer, i: int) -> nn.Module:
         out._modules[name] = _view_layer(child, i)
     if isinstance(layer, StackedMaskedLayer):
         if not isinstance(out, MaskedModule):
-            convert_module(out, layer.backend)
+            convert_module(out, layer.backend, called_by_parent=layer.called_by_parent)
         if out._masked_names != layer._masked_names:
             out._init_masks(layer.backend, names=layer._masked_names)
         for n in layer._masked_names:
