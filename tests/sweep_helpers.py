@@ -295,3 +295,24 @@ class NaNAt:
 
 # GMP that diverges at step `at` (0: never), stackable.
 nan_gmp = Method(lambda ctx, at=0: NaNAt(ctx, at), {"at": Field(integer(0), 0)}, stackable=lambda config: True)
+
+
+class RowRNN(torch.nn.Module):
+    """A user model over sequences: an image's 28 rows read by an LSTM, self-attention with a residual, the mean
+    over time, a linear head. Written for ``(B, 1, 28, 28)`` images; its forward also runs on a stack's
+    ``(K, B, 1, 28, 28)`` (time is dim -2, features -1)."""
+
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(28, hidden, batch_first=True)
+        self.attn = torch.nn.MultiheadAttention(hidden, 2, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        h, _ = self.lstm(x.squeeze(-3))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((h + a).mean(dim=-2))
+
+
+def row_rnn(hidden: int = 12) -> torch.nn.Module:
+    return RowRNN(hidden)

@@ -94,6 +94,19 @@ def test_stacked_sweep_gives_the_results_of_trials_run_alone(tmp_path, tmp_path_
         assert r["wall_s"] > 0
 
 
+def test_stacked_sweep_of_a_recurrent_attention_model(tmp_path, tmp_path_factory, data):
+    """A user model with an LSTM and self-attention (masked weights per Parameter, a stacked out_proj inside the
+    stacked attention) stacks in a sweep with the results of its trials alone."""
+    text = h.tiny_sweep_text(data).replace('name = "second_order_mlp"', 'name = "sweep_helpers:row_rnn"')
+    reference = h.baseline(tmp_path_factory, text, "row-rnn")
+    status = run_stacked(text, tmp_path, stack=4)
+    assert (status["done"], status["failed"]) == (10, 0)
+    assert sorted(e.get("stacked", 1) for e in h.events(tmp_path) if e["event"] == "started") == [2, 2] + [4] * 8
+    assert_close_results(records(tmp_path), records(reference), tmp_path, reference)
+    pruned = [r for r in records(tmp_path).values() if r["kind"] == "prune"]
+    assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "attn.in_proj_weight", "attn.out_proj"} <= set(pruned[0]["layers"])
+
+
 def test_a_stacked_trials_checkpoint_resumes_alone(tmp_path, data):
     """A checkpoint written from a stack is an ordinary trial checkpoint: the trial resumed from it alone
     ends as the stacked run does (up to float rounding)."""
