@@ -89,24 +89,44 @@ def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return ResNet18(num_classes, in_channels)
 
 
+class LearnedPositions(nn.Module):
+    """Learned position embeddings added to ``x (..., T, D)``: ``x + weight[:T]`` (a leaf layer with its own
+    Parameter: left dense by ``sparsify``, stacked by ``sparse_engine.stack`` with vmap)."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight[:x.shape[-2]]
+
+
 class TransformerClassifier(nn.Module):
-    """Token embedding + learned positions, pre-norm ``nn.TransformerEncoder``, mean pool, linear head."""
+    """Token embedding + learned positions, pre-norm ``nn.TransformerEncoder``, mean pool, linear head. Its
+    forward indexes from the end (time is dim -2), so it also runs on a stack's ``(K, B, T)`` tokens."""
 
     def __init__(self, vocab_size: int = 1000, d_model: int = 128, nhead: int = 4, num_layers: int = 2,
                  dim_feedforward: int = 256, max_len: int = 128, num_classes: int = 10, dropout: float = 0.1):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+        self.pos = LearnedPositions(max_len, d_model)
         layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True,
                                            norm_first=True)
         # No nested-tensor fast path: it is for padded inference and bypasses the layers' forward.
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes)
+        self.register_load_state_dict_pre_hook(_positions_key)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = self.embed(tokens) + self.pos[:tokens.shape[1]]
-        return self.head(self.norm(self.encoder(x)).mean(dim=1))
+        x = self.pos(self.embed(tokens))
+        return self.head(self.norm(self.encoder(x)).mean(dim=-2))
+
+
+def _positions_key(module, state_dict, prefix, *args) -> None:
+    """Checkpoints of earlier versions hold the positions as ``pos`` (a bare Parameter), now ``pos.weight``."""
+    if prefix + "pos" in state_dict and prefix + "pos.weight" not in state_dict:
+        state_dict[prefix + "pos.weight"] = state_dict.pop(prefix + "pos")
 
 
 def transformer(vocab_size: int = 1000, d_model: int = 128, nhead: int = 4, num_layers: int = 2,

@@ -28,18 +28,18 @@ def test_every_weight_of_the_reference_models_is_covered(name):
     model = sparsify(build_model(name))
     covered = {id(u.weight) for _, u in sparse_modules(model)}
     dense = {n for i, (n, _) in weight_params(model).items() if i not in covered}
-    assert dense == ({"pos"} if name == "transformer" else set()), dense
+    assert dense == ({"pos.weight"} if name == "transformer" else set()), dense
     report = sparsity_report(model)
     assert [w.name for w in report.dense] == sorted(dense)
     if name == "transformer":
-        assert "TransformerClassifier" in report.dense[0].reason
+        assert "LearnedPositions" in report.dense[0].reason
 
 
 def test_report_counts_every_weight_and_says_why():
     model = sparsify(build_model("transformer"))
     prune_(model, 0.9, allocation="uniform")
     report = sparsity_report(model)
-    pos = model.pos.numel()
+    pos = model.pos.weight.numel()
     assert report.all_numel == report.numel + pos
     assert report.sparsity == pytest.approx(0.9, abs=1e-3)
     assert report.all_sparsity == pytest.approx(report.sparsity * report.numel / report.all_numel)
@@ -51,7 +51,7 @@ def test_report_counts_every_weight_and_says_why():
 def test_sparsify_logs_what_it_left_dense(caplog):
     with caplog.at_level(logging.INFO, logger="sparse_engine.nn.sparsify"):
         sparsify(build_model("transformer"))
-    assert "left dense: pos" in caplog.text and "weight elements" in caplog.text
+    assert "left dense: pos.weight" in caplog.text and "weight elements" in caplog.text
 
 
 def test_patterns_select_modules_and_a_pattern_matching_nothing_is_an_error():

@@ -309,3 +309,23 @@ def test_zoo_lstm_classifier_stacks():
     tokens = torch.stack([example_batch("lstm", 3, torch.Generator().manual_seed(i), vocab_size=50)[0]
                           for i in range(K)])
     check_like_separate(models, [tokens])
+
+
+def test_zoo_transformer_stacks():
+    """The zoo transformer (embedding, learned positions stacked with vmap, pre-norm encoder, head)."""
+    from sparse_engine.models import transformer
+    models = []
+    for i in range(K):
+        torch.manual_seed(i)
+        m = transformer(vocab_size=50, d_model=8, nhead=2, num_layers=2, dim_feedforward=16, max_len=12)
+        models.append(random_masks_(se.sparsify(m.double().eval())))  # eval: no dropout draws to compare
+    check_like_separate(models, [torch.randint(0, 50, (K, 3, 10))])
+
+
+def test_zoo_transformer_loads_checkpoints_with_the_earlier_positions_key():
+    from sparse_engine.models import transformer
+    state = transformer(vocab_size=20, d_model=8, nhead=2, max_len=6).state_dict()
+    earlier = {("pos" if k == "pos.weight" else k): v for k, v in state.items()}
+    model = transformer(vocab_size=20, d_model=8, nhead=2, max_len=6)
+    model.load_state_dict(earlier)
+    assert torch.equal(model.pos.weight, state["pos.weight"])

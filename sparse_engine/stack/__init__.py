@@ -28,8 +28,11 @@ convolution), Bilinear (one ``einsum``), Embedding (one lookup in the K masked t
 (the recurrence written out with batched matrix products over the models, ``stack.recurrent``),
 MultiheadAttention (the stacked masked projections, the attention with the models folded into the
 batch, ``stack.attention``; ``nn.TransformerEncoderLayer`` runs its own forward on it), BatchNorm,
-LayerNorm. Layers with parameters that have no stacked version (GroupNorm, PReLU, a user's layer
-with its own Parameters) are refused by name. A stacked layer may mask several weights (an LSTM's
+LayerNorm. Any other leaf layer with Parameters and no buffers (GroupNorm, PReLU, a user's layer with its
+own Parameters and ``forward``, such as learned positions) runs its own ``forward`` once per model under
+``torch.func.vmap`` (``StackedVmap``). Layers with Parameters that have none of these (a layer with
+buffers updated in place, a module with children and Parameters of its own) are refused by name. A
+stacked layer may mask several weights (an LSTM's
 ``weight_ih_l0``, ``weight_hh_l0``, ...): ``StackedModel.masked_units`` lists one unit per masked
 Parameter, named as ``sparse_modules`` names the unstacked models' units.
 """
@@ -41,12 +44,12 @@ from sparse_engine.stack.convert import StackedModel, stack, unstack
 from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedBilinear, StackedConv1d, StackedConv2d,
                                         StackedConv3d, StackedConvTranspose1d, StackedConvTranspose2d,
                                         StackedConvTranspose3d, StackedEmbedding, StackedLayerNorm, StackedLinear,
-                                        StackedMaskedLayer, StackedMaskedWeight)
+                                        StackedMaskedLayer, StackedMaskedWeight, StackedVmap)
 from sparse_engine.stack.recurrent import StackedGRU, StackedLSTM, StackedRNN
 
 __all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv1d", "StackedConv2d", "StackedConv3d",
            "StackedConvTranspose1d", "StackedConvTranspose2d", "StackedConvTranspose3d", "StackedBilinear",
            "StackedEmbedding", "StackedLSTM", "StackedGRU", "StackedRNN", "StackedMultiheadAttention",
-           "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "StackedMaskedWeight", "PerSample",
+           "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "StackedMaskedWeight", "StackedVmap", "PerSample",
            "stacked_masked_linear", "stacked_masked_linear_ref", "stacked_masked_conv2d", "stacked_masked_conv2d_ref",
            "pack_stacked_mask", "unpack_stacked_mask"]

@@ -16,11 +16,12 @@ from sparse_engine.stack.attention import StackedMultiheadAttention
 from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedBilinear, StackedConv1d, StackedConv2d,
                                         StackedConv3d, StackedConvTranspose1d, StackedConvTranspose2d,
                                         StackedConvTranspose3d, StackedEmbedding, StackedLayer, StackedLayerNorm,
-                                        StackedLinear, StackedMaskedLayer)
+                                        StackedLinear, StackedMaskedLayer, StackedVmap)
 from sparse_engine.stack.recurrent import StackedGRU, StackedLSTM, StackedRNN
 
 _SUPPORTED = ("Linear, Conv1d, Conv2d, Conv3d, ConvTranspose1d/2d/3d, Bilinear, Embedding, LSTM, GRU, RNN, "
-              "MultiheadAttention (and their sparse versions), BatchNorm1d/2d/3d, LayerNorm")
+              "MultiheadAttention (and their sparse versions), BatchNorm1d/2d/3d, LayerNorm, and any other layer "
+              "with Parameters but no child modules and no buffers (run with torch.func.vmap)")
 
 
 class StackedModel(nn.Module):
@@ -199,5 +200,7 @@ def stacked_type(module: nn.Module) -> Optional[type]:
     if isinstance(module, nn.MultiheadAttention) and type(module).forward in (
             nn.MultiheadAttention.forward, SparseMultiheadAttention.forward):
         return StackedMultiheadAttention
+    if StackedVmap.applies_to(module):
+        return StackedVmap
     return None
 

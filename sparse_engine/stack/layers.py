@@ -476,6 +476,43 @@ class StackedLayerNorm(StackedLayer):
         return y
 
 
+class StackedVmap(StackedLayer):
+    """S copies of a layer with Parameters that has no stacked version of its own (``nn.PReLU``,
+    ``nn.GroupNorm``, a user's layer with its own Parameters and ``forward``): its ``forward``, run once per
+    model by ``torch.func.vmap`` over the model axis with model s's Parameters (``functional_call``).
+
+    For leaf layers (no child modules) without buffers (whose in-place updates vmap cannot make per model),
+    and not masked (a masked layer needs its stacked masked version). Every tensor argument carries the model
+    axis first (``(S, ...)``); other arguments are passed as they are; random ops draw independently per model
+    (``randomness="different"``). The Parameters are not masked (they are not pruning units, as in the layer
+    alone).
+    """
+
+    @classmethod
+    def applies_to(cls, module: nn.Module) -> bool:
+        return (not module._modules and not isinstance(module, MaskedModule) and not module._buffers
+                and any(p is not None for p in module._parameters.values()))
+
+    def forward(self, *args, **kwargs):
+        s = self.num_models
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        for i, t in enumerate(leaves):
+            if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != s):
+                raise ValueError(f"{type(self._prototype).__name__} (stacked with vmap): expected every tensor "
+                                 f"argument with the model axis ({s}) first, got shape {tuple(t.shape)}")
+        params = {n: p for n, p in self._parameters.items() if p is not None}
+
+        def one_model(p, *xs):
+            a, kw = torch.utils._pytree.tree_unflatten(list(xs), spec)
+            return torch.func.functional_call(self._prototype, p, a, kw)
+
+        in_dims = (0,) + tuple(0 if isinstance(t, Tensor) else None for t in leaves)
+        return torch.func.vmap(one_model, in_dims=in_dims, randomness="different")(params, *leaves)
+
+    def extra_repr(self) -> str:
+        return f"num_models={self.num_models}, {self._prototype!r} (vmap)"
+
+
 class PerSample(nn.Module):
     """A layer without parameters (activation, pooling, flatten, dropout, ...) applied to ``(S, B, ...)``
     inputs by folding the model axis into the batch: ``module(x.flatten(0, 1)).unflatten(0, (S, B))``.
