@@ -104,7 +104,7 @@ def test_round_trip_is_bit_identical(name):
         assert all(p.data_ptr() != q.data_ptr() for p, q in zip(m.parameters(), b.parameters()))
 
 
-def test_dense_models_come_back_sparse_with_their_masks():
+def test_dense_layers_come_back_dense_unless_masked_in_the_stack():
     models = make_models("mlp", sparse=False)
     stacked = stack(models)
     for _, layer in stacked.masked_layers():
@@ -115,6 +115,35 @@ def test_dense_models_come_back_sparse_with_their_masks():
     for i, b in enumerate(back):
         assert isinstance(b[1], se.SparseLinear) and torch.equal(b[1].mask, mask[i])
         assert torch.equal(b[1].weight, models[i][1].weight * mask[i])
+        assert type(b[3]) is nn.Linear and torch.equal(b[3].weight, models[i][3].weight)
+
+
+def test_weights_left_dense_stay_dense():
+    """Weights that sparsify(exclude=...) left dense are no pruning units of the stack's model views (its
+    pruners equal separate runs) and come back dense."""
+    from sparse_engine.pruning.methods import OneShot
+    from sparse_engine.stack.optim import StackedSGD
+    from sparse_engine.stack.pruning import StackedPruners, model_views
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return se.sparsify(SeqNet().double(), exclude=["gru", "head"])
+
+    models = [build(i) for i in range(K)]
+    stacked = stack(models)
+    units = [n for n, _ in se.sparse_modules(models[0])]
+    assert "head" not in units and not any(n.startswith("gru") for n in units)
+    assert all([n for n, _ in se.sparse_modules(v)] == units for v in model_views(stacked))
+    StackedPruners(stacked, StackedSGD(stacked, lr=0.1), [lambda m, o: OneShot(m, o, 0.6)] * K)
+    for i, (m, b) in enumerate(zip(models, unstack(stacked))):
+        OneShot(m, torch.optim.SGD(m.parameters(), lr=0.1), 0.6)
+        assert [n for n, _ in se.sparse_modules(b)] == units and type(b.head) is nn.Linear
+        for (n, u), (_, v) in zip(se.sparse_modules(m), se.sparse_modules(b)):
+            assert torch.equal(u.mask, v.mask), (i, n)
+    other = build(1)
+    other.lstm._init_masks(other.lstm.backend, names=("weight_ih_l0",))  # masks fewer of the LSTM's weights
+    with pytest.raises(ValueError, match=r"models\[1\]: expected the sparse layers of models\[0\]"):
+        stack([build(0), other])
 
 
 @pytest.mark.parametrize("per_model_batches", [True, False], ids=["own-batches", "broadcast"])
@@ -227,6 +256,31 @@ def test_layers_without_a_stacked_version_run_with_vmap():
     torch._dynamo.reset()
     compiled = torch.compile(stack(models), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), stacked(x), rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_layers_follow_train_and_eval():
+    class Noisy(nn.Module):  # a user's leaf layer with a Parameter and dropout
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return nn.functional.dropout(x * self.scale, 0.5, self.training)
+
+    stacked = stack([nn.Sequential(Noisy()) for _ in range(2)])
+    x = torch.ones(2, 4, 8)
+    assert (stacked(x) == 0).any()
+    assert torch.equal(stacked.eval()(x), x)
+    assert (stacked.train()(x) == 0).any()
+
+
+def test_instance_norm_without_running_statistics_stacks_with_vmap():
+    models = [nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True)).double() for _ in range(K)]
+    for m in models:
+        with torch.no_grad():
+            m[1].weight.uniform_(0.5, 1.5), m[1].bias.normal_()
+    x = torch.randn(K, 3, 2, 6, 6, dtype=torch.float64)
+    backward_like_separate_models(stack(models)(x), models, x)
 
 
 def test_errors():

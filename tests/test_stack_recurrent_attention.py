@@ -269,14 +269,20 @@ def test_load_slice_recurses_into_out_proj():
     assert isinstance(back, SeqNet) and back.attn.out_proj.input_kind is None
 
 
-def test_dense_attention_comes_back_sparse_with_out_proj_called_by_its_parent():
-    """A dense MultiheadAttention's out_proj unstacks (and views, for the pruners) as sparsify converts it:
-    without an input kind, since the attention calls its forward function without hooks."""
+def test_dense_attention_comes_back_dense_or_with_out_proj_called_by_its_parent():
+    """A dense MultiheadAttention comes back (and views, for the pruners) dense; one whose out_proj mask was
+    set in the stack comes back as sparsify converts it: the attention sparse, its out_proj without an input
+    kind (the attention calls its forward function without hooks)."""
     from sparse_engine.stack.pruning import model_views
     stacked = stack([Wrap(nn.MultiheadAttention(4, 2)) for _ in range(2)])
     for model in unstack(stacked) + model_views(stacked):
+        assert type(model.layer) is nn.MultiheadAttention and not isinstance(model.layer.out_proj, se.MaskedModule)
+    mask = torch.rand(2, 4, 4) < 0.5
+    stacked.module.layer.out_proj.set_mask(mask)
+    for k, model in enumerate(unstack(stacked)):
         assert isinstance(model.layer, se.SparseMultiheadAttention)
-        assert isinstance(model.layer.out_proj, se.MaskedModule) and model.layer.out_proj.input_kind is None
+        assert model.layer.out_proj.input_kind is None and torch.equal(model.layer.out_proj.mask, mask[k])
+        assert model.layer.mask_of("in_proj_weight").all()
     assert se.sparsify(Wrap(nn.MultiheadAttention(4, 2))).layer.out_proj.input_kind is None
 
 
@@ -296,8 +302,12 @@ def test_errors():
     attn = stack([nn.Sequential(nn.MultiheadAttention(4, 2)) for _ in range(2)]).module[0]
     with pytest.raises(ValueError, match=r"key: expected shape \(2, B, L, E\)"):
         attn(torch.randn(2, 3, 1, 4), torch.randn(3, 1, 4), torch.randn(3, 1, 4))
-    with pytest.raises(ValueError, match="key_padding_mask: expected 2 dimensions .* or 3 with the model axis"):
+    with pytest.raises(ValueError, match=r"key_padding_mask: expected shape \(1, 3\) \(shared by the models\) or "
+                                         r"\(2, 1, 3\) \(one per model\), got \(3, 2, 1, 3\)"):
         attn(*[torch.randn(2, 3, 1, 4)] * 3, key_padding_mask=torch.zeros(3, 2, 1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask: expected shape \(3, 3\) or \(2, 3, 3\) \(shared by the "
+                                         r"models\) or \(2, 2, 3, 3\) \(one per model\), got \(3, 4\)"):
+        attn(*[torch.randn(2, 3, 1, 4)] * 3, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
 
 
 def test_zoo_lstm_classifier_stacks():
@@ -329,3 +339,42 @@ def test_zoo_transformer_loads_checkpoints_with_the_earlier_positions_key():
     model = transformer(vocab_size=20, d_model=8, nhead=2, max_len=6)
     model.load_state_dict(earlier)
     assert torch.equal(model.pos.weight, state["pos.weight"])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_under_autocast_cast_as_torch_does(cls):
+    """Under CPU autocast the stacked layer gives each model what the torch layer alone gives (dtype and
+    values), whatever implementation is pinned, and takes its own h_n back as hx."""
+    layers = [Wrap(cls(4, 5, batch_first=True)) for _ in range(2)]
+    x = torch.randn(2, 3, 6, 4)
+    previous = dispatch.pinned()
+    try:
+        for impl in ("fused", "materialized", None):
+            dispatch.pin(impl)
+            stacked = stack(layers).module.layer
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, h = stacked(x)
+                stacked(x, h)
+                for k, layer in enumerate(layers):
+                    alone, _ = layer(x[k])
+                    assert out.dtype == alone.dtype
+                    torch.testing.assert_close(out[k], alone, rtol=0, atol=0)
+    finally:
+        dispatch.pin(previous)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_dense_encoder_layers_in_eval_and_no_grad_take_the_stacked_path(batched):
+    """torch's fused inference path of nn.TransformerEncoderLayer would read the stacked weights as one model's:
+    stack() keeps it off, as sparsify does (a stacked unbatched (K, T, E) input looks batched to torch)."""
+    layers = [Wrap(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)).eval()
+              for _ in range(K)]
+    x = torch.randn(K, 2, 5, 8) if batched else torch.randn(K, 5, 8)
+    stacked = stack(layers)
+    with torch.no_grad():
+        y = stacked(x)
+        for k, layer in enumerate(layers):
+            torch.testing.assert_close(y[k], layer(x[k]), rtol=1e-5, atol=1e-5)
+    for model in unstack(stacked):  # the unstacked dense models are guarded no more than the originals
+        assert not model.layer.layers[0]._forward_pre_hooks and model.layer.use_nested_tensor == \
+            layers[0].layer.use_nested_tensor

@@ -137,9 +137,11 @@ def _fused_inference_guard(module, args) -> None:
     """
 
 
-def _guard_transformer_fast_paths(model: nn.Module) -> None:
+def _guard_transformer_fast_paths(model: nn.Module, always: bool = False) -> None:
+    """Keep torch's fused transformer paths off the encoder layers holding sparse layers (all of them with
+    ``always``: a stacked model's layers, which hold stacked weights)."""
     for m in model.modules():
-        if not any(isinstance(s, MaskedModule) for s in m.modules()):
+        if not always and not any(isinstance(s, MaskedModule) for s in m.modules()):
             continue
         if isinstance(m, nn.TransformerEncoderLayer) and _fused_inference_guard not in m._forward_pre_hooks.values():
             m.register_forward_pre_hook(_fused_inference_guard)

@@ -14,8 +14,10 @@ attention weights ``(S, B, L, L_src)`` (``(S, B, heads, L, L_src)`` per head).
 """
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
+from sparse_engine.nn.masked_module import MaskedModule
 from sparse_engine.nn.sparse_attention import SparseMultiheadAttention, _each
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear
 from sparse_engine.stack.layers import StackedLinear, StackedMaskedLayer
@@ -42,6 +44,16 @@ class StackedMultiheadAttention(StackedMaskedLayer):
             return ("in_proj_weight",)
         return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
+    @torch.no_grad()
+    def unstacked(self, i: int) -> nn.Module:
+        layer = super().unstacked(i)
+        if isinstance(layer.out_proj, MaskedModule) and not isinstance(layer, MaskedModule):
+            # a masked out_proj needs its parent's masked forward (nn.MultiheadAttention reads its weight raw)
+            layer = self.as_sparse(layer, self._masked_names)
+            for n in self._masked_names:
+                layer.set_mask(self.mask_of(n)[i], n)
+        return layer
+
     # SparseMultiheadAttention's attention and in-projection logic, on the folded (L, S*B, E) tensors
     _attention = SparseMultiheadAttention._attention
     _in_projection = SparseMultiheadAttention._in_projection
@@ -66,19 +78,16 @@ class StackedMultiheadAttention(StackedMaskedLayer):
             return bias.view(s, 1, -1).expand(s, bsz // s, -1).reshape(1, bsz, -1)
         return rows(self.bias_k), rows(self.bias_v)
 
-    def _fold_mask(self, mask: Optional[Tensor], name: str, shared_dim: int) -> Optional[Tensor]:
-        """A mask shared by the models (``shared_dim`` dims) or with a model axis in front, as the folded batch's."""
+    @staticmethod
+    def _check_mask(mask, name: str, shared: tuple, s: int, also: tuple = ()) -> None:
+        """``mask`` is None, or of shape ``shared`` (one model's, shared by all), ``(s, *shared)`` or ``also``."""
         if mask is None:
-            return None
-        s = self.num_models
-        if not isinstance(mask, Tensor) or mask.dim() not in (shared_dim, shared_dim + 1) \
-                or (mask.dim() == shared_dim + 1 and mask.shape[0] != s):
-            raise ValueError(f"{name}: expected {shared_dim} dimensions (shared by the models) or "
-                             f"{shared_dim + 1} with the model axis ({s}) first, got "
-                             f"{getattr(mask, 'shape', type(mask).__name__)}")
-        if mask.dim() == shared_dim:
-            mask = mask.expand(s, *mask.shape)
-        return mask.flatten(0, 1)
+            return
+        allowed = ((also,) if also else ()) + (shared, (s, *shared))
+        if not isinstance(mask, Tensor) or tuple(mask.shape) not in allowed:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"{name}: expected shape {' or '.join(map(str, allowed[:-1]))} (shared by the models) "
+                             f"or {allowed[-1]} (one per model), got {got}")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -90,17 +99,26 @@ class StackedMultiheadAttention(StackedMaskedLayer):
                                  f"({s}, L, E), the model axis first and as many dimensions as query, got "
                                  f"{getattr(t, 'shape', type(t).__name__)}")
         batched = query.dim() == 4
+        # one model's shapes: B samples (1 unbatched), L queries, L_src keys
+        b = (query.shape[1] if self.batch_first else query.shape[2]) if batched else 1
+        tgt = query.shape[2 if batched and self.batch_first else 1]
+        src = key.shape[2 if batched and self.batch_first else 1]
+        heads = self.num_heads
+        self._check_mask(key_padding_mask, "key_padding_mask", (b, src) if batched else (src,), s)
+        self._check_mask(attn_mask, "attn_mask", (b * heads, tgt, src), s, also=(tgt, src))
 
         def fold(x):  # -> (L, S*B, E)
             x = (x.transpose(1, 2) if self.batch_first else x) if batched else x.unsqueeze(2)
             return x.transpose(0, 1).flatten(1, 2)
 
+        def fold_mask(mask, shared_dim):  # shared or per model -> the folded batch's (S*B, ...)
+            return (mask.expand(s, *mask.shape) if mask.dim() == shared_dim else mask).flatten(0, 1)
+
         q, k, v = _each(fold, query, key, value)
-        if key_padding_mask is not None and not batched and key_padding_mask.dim() in (1, 2):
-            key_padding_mask = key_padding_mask.unsqueeze(-2)  # (L_src,) / (S, L_src) -> one sample
-        key_padding_mask = self._fold_mask(key_padding_mask, "key_padding_mask", 2)
-        if attn_mask is not None and attn_mask.dim() >= 3:
-            attn_mask = self._fold_mask(attn_mask, "attn_mask", 3)
+        if key_padding_mask is not None:
+            key_padding_mask = fold_mask(key_padding_mask if batched else key_padding_mask.unsqueeze(-2), 2)
+        if attn_mask is not None and attn_mask.dim() != 2:  # a 2-D mask is (L, L_src) for every sample already
+            attn_mask = fold_mask(attn_mask, 3)
         out, weights = self._attention(q, k, v, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                                        is_causal)
         out = out.unflatten(1, (s, -1)).transpose(0, 1)  # (S, L, B, E)

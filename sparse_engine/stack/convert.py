@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_engine.nn.sparse_attention import SparseMultiheadAttention
+from sparse_engine.nn.sparsify import _guard_transformer_fast_paths, _unguard_transformer_fast_paths, sparse_modules
 from sparse_engine.nn.sparse_bilinear import SparseBilinear
 from sparse_engine.nn.sparse_conv import SparseConv1d, SparseConv3d, _SparseConvTranspose
 from sparse_engine.nn.sparse_conv2d import SparseConv2d
@@ -75,6 +76,7 @@ def _check_models(models) -> list[nn.Module]:
             raise TypeError(f"models[{i}]: expected an nn.Module, got {type(m).__name__}")
     ref_modules = [(n, type(m)) for n, m in models[0].named_modules()]
     ref_tensors = _tensors(models[0])
+    ref_units = [n for n, _ in sparse_modules(models[0])]
     for i, m in enumerate(models[1:], 1):
         if [(n, type(x)) for n, x in m.named_modules()] != ref_modules:
             raise ValueError(f"models[{i}]: expected the architecture of models[0] (same module names and types)")
@@ -85,6 +87,9 @@ def _check_models(models) -> list[nn.Module]:
                              "every model must have the same parameters and buffers (shape, dtype, device)")
         if m.training != models[0].training:
             raise ValueError(f"models[{i}]: expected the train/eval mode of models[0]")
+        if [n for n, _ in sparse_modules(m)] != ref_units:
+            raise ValueError(f"models[{i}]: expected the sparse layers of models[0] (sparse_modules: the same masked "
+                             f"weights), got {[n for n, _ in sparse_modules(m)]} against {ref_units}")
     names = {}
     for n, p in models[0].named_parameters(remove_duplicate=False):
         if id(p) in names:
@@ -140,6 +145,8 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     with torch.no_grad():
         stacked = StackedModel(copy.deepcopy(models[0], memo), len(models))
     stacked.training = models[0].training
+    # torch's fused transformer inference path would read the stacked weights as one model's
+    _guard_transformer_fast_paths(stacked.module, always=True)
     return stacked
 
 
@@ -158,7 +165,8 @@ def stacked_layers(module: nn.Module) -> list[nn.Module]:
 
 def unstack(stacked: StackedModel) -> list[nn.Module]:
     """The K models of ``stacked`` as ordinary sparse models (weights, masks, buffers: fresh tensors, bit-identical
-    to the stack's). Dense layers of the stacked models come back as sparse layers with their masks."""
+    to the stack's). Each layer is masked where the model's was (dense weights stay dense), and also where its
+    mask was set in the stack to prune something."""
     if not isinstance(stacked, StackedModel):
         raise TypeError(f"stacked: expected a StackedModel (from stack), got {type(stacked).__name__}")
     layers = stacked_layers(stacked.module)
@@ -167,6 +175,8 @@ def unstack(stacked: StackedModel) -> list[nn.Module]:
         for i in range(stacked.num_models):
             model = copy.deepcopy(stacked.module, {id(m): m.unstacked(i) for m in layers})
             model.train(stacked.training)
+            _unguard_transformer_fast_paths(model)  # guarded as sparsify guards it, no more
+            _guard_transformer_fast_paths(model)
             out.append(model)
     return out
 

@@ -156,6 +156,9 @@ class StackedMaskedLayer(StackedLayer):
         first = modules[0]
         self.backend = first.backend if isinstance(first, MaskedModule) else "triton"
         self._masked_names = self.masked_weight_names(first)
+        # the Parameters masked in the models themselves (a dense layer's: none; sparsify(exclude=...) may leave
+        # some of a layer's dense): the pruning units of the models' views, and what unstacked layers mask
+        self.pruned_names = tuple(first._masked_names) if isinstance(first, MaskedModule) else ()
         self._skipped_buffers = frozenset(mask_buffer_name(n) for n in self._masked_names)
         self._mask_versions = {}
         for n in self._masked_names:
@@ -230,15 +233,28 @@ class StackedMaskedLayer(StackedLayer):
         w = getattr(self, name) if weight is None else weight
         return masked_weight_for_op(w.flatten(0, 1), self.mask_bits_of(name).flatten(0, 1)).view(w.shape)
 
-    @torch.no_grad()
-    def unstacked(self, i: int) -> MaskedModule:
-        layer = super().unstacked(i)
+    def as_sparse(self, layer: nn.Module, names: tuple) -> nn.Module:
+        """``layer`` (a copy of the prototype) with masks on exactly the Parameters ``names`` (dense if none)."""
+        if not names:
+            return layer
         if not isinstance(layer, MaskedModule):
             convert_module(layer, self.backend, called_by_parent=self.called_by_parent)
-        if layer._masked_names != self._masked_names:  # a sparse layer with some weights left dense
-            layer._init_masks(self.backend, names=self._masked_names)
-        for n in self._masked_names:
-            layer.set_mask(self.mask_of(n)[i], n)
+        if tuple(layer._masked_names) != tuple(names):
+            for n in layer._masked_names:
+                del layer._buffers[mask_buffer_name(n)]
+            layer._init_masks(self.backend, names=names)
+        return layer
+
+    @torch.no_grad()
+    def unstacked(self, i: int) -> nn.Module:
+        """Model ``i``'s layer, masked where the model's layer was, and wherever the stack's mask for it prunes
+        something (so a dense layer comes back dense unless its mask was set in the stack)."""
+        layer = super().unstacked(i)
+        masks = {n: self.mask_of(n)[i] for n in self._masked_names}
+        names = tuple(n for n in self._masked_names if n in self.pruned_names or not masks[n].all())
+        layer = self.as_sparse(layer, names)
+        for n in names:
+            layer.set_mask(masks[n], n)
         return layer
 
     @torch.no_grad()
@@ -490,8 +506,14 @@ class StackedVmap(StackedLayer):
 
     @classmethod
     def applies_to(cls, module: nn.Module) -> bool:
-        return (not module._modules and not isinstance(module, MaskedModule) and not module._buffers
+        return (not module._modules and not isinstance(module, MaskedModule)
+                and all(b is None for b in module._buffers.values())
                 and any(p is not None for p in module._parameters.values()))
+
+    def train(self, mode: bool = True) -> "StackedVmap":
+        super().train(mode)
+        self._prototype.train(mode)  # the module whose forward runs (not a child: its Parameters are ours)
+        return self
 
     def forward(self, *args, **kwargs):
         s = self.num_models

@@ -35,8 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sparse_engine.nn.conversion import convert_module
-from sparse_engine.nn.masked_module import MaskedModule, mask_buffer_name
+from sparse_engine.nn.masked_module import mask_buffer_name
 from sparse_engine.nn.sparsify import sparse_modules
 from sparse_engine.pruning.select import granularity as _granularity
 from sparse_engine.pruning.select import prune as _prune_module
@@ -55,12 +54,9 @@ def _view_layer(layer: StackedLayer, i: int) -> nn.Module:
             out._buffers[name] = b[i]
     for name, child in layer._modules.items():
         out._modules[name] = _view_layer(child, i)
-    if isinstance(layer, StackedMaskedLayer):
-        if not isinstance(out, MaskedModule):
-            convert_module(out, layer.backend, called_by_parent=layer.called_by_parent)
-        if out._masked_names != layer._masked_names:
-            out._init_masks(layer.backend, names=layer._masked_names)
-        for n in layer._masked_names:
+    if isinstance(layer, StackedMaskedLayer):  # the model's own pruning units (its dense weights stay dense)
+        out = layer.as_sparse(out, layer.pruned_names)
+        for n in layer.pruned_names:
             out._buffers[mask_buffer_name(n)] = layer.mask_bits_of(n)[i]
     return out
 

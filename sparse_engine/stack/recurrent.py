@@ -16,7 +16,9 @@ implementations give the same result up to rounding, chosen per call shape by me
   one after another.
 
 The measurement runs on copies (``dispatch``) inside ``torch.random.fork_rng``: dropout draws while timing
-do not move the RNG streams. Inputs carry the model axis first: ``(S, B, T, F)`` with ``batch_first``,
+do not move the RNG streams. Under ``torch.autocast`` the layer always runs torch's kernel per model, so it
+casts as ``nn.LSTM``/``nn.GRU``/``nn.RNN`` do on that device (under ``torch.compile`` that is a graph break,
+as for torch's own recurrent layers). Inputs carry the model axis first: ``(S, B, T, F)`` with ``batch_first``,
 ``(S, T, B, F)`` without, ``(S, T, F)`` unbatched; ``hx`` likewise ``(S, layers * directions, B, H)``.
 ``PackedSequence`` inputs have no stacked version.
 """
@@ -57,7 +59,8 @@ class _StackedRNNBase(StackedMaskedLayer):
         if not isinstance(hx, Tensor) or tuple(hx.shape) != expected:
             raise ValueError(f"{name}: expected shape {expected} (models, layers * directions, "
                              f"{'batch, ' if batched else ''}features), got {getattr(hx, 'shape', type(hx).__name__)}")
-        if hx.dtype != like.dtype or hx.device != like.device:
+        autocast = torch.is_autocast_enabled(like.device.type)  # torch's kernel casts (nn.LSTM accepts any float)
+        if (hx.dtype != like.dtype and not (autocast and hx.is_floating_point())) or hx.device != like.device:
             raise TypeError(f"{name}: expected dtype {like.dtype} on {like.device} (the input's), got {hx.dtype} on "
                             f"{hx.device}")
         return hx if batched else hx.unsqueeze(2)
@@ -89,7 +92,8 @@ class _StackedRNNBase(StackedMaskedLayer):
             h0, c0 = self._hidden(hx, "hx", h_size, batch, batched, x), None
         names = self._flat_weights_names
         tensors = (x, h0, c0) + tuple(getattr(self, n) for n in names)
-        impl = dispatch.lookup(self._OP, tensors)
+        # Under autocast, torch's own kernel per model: its cast policy (per op and device) is nn.LSTM's/GRU's
+        impl = "materialized" if torch.is_autocast_enabled(x.device.type) else dispatch.lookup(self._OP, tensors)
         if impl is None:
             run = lambda i, ts: self._run(i, ts[0], ts[1], ts[2], ts[3:])[0]  # noqa: E731
             if torch.compiler.is_compiling() or dispatch.pinned() is not None:  # nothing is measured
