@@ -44,12 +44,12 @@ from sparse_engine.stack.convert import StackedModel, stack, unstack
 from sparse_engine.stack.layers import (PerSample, StackedBatchNorm, StackedBilinear, StackedConv1d, StackedConv2d,
                                         StackedConv3d, StackedConvTranspose1d, StackedConvTranspose2d,
                                         StackedConvTranspose3d, StackedEmbedding, StackedLayerNorm, StackedLinear,
-                                        StackedMaskedLayer, StackedMaskedWeight, StackedVmap)
+                                        StackedMaskedLayer, StackedVmap)
 from sparse_engine.stack.recurrent import StackedGRU, StackedLSTM, StackedRNN
 
 __all__ = ["stack", "unstack", "StackedModel", "StackedLinear", "StackedConv1d", "StackedConv2d", "StackedConv3d",
            "StackedConvTranspose1d", "StackedConvTranspose2d", "StackedConvTranspose3d", "StackedBilinear",
            "StackedEmbedding", "StackedLSTM", "StackedGRU", "StackedRNN", "StackedMultiheadAttention",
-           "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "StackedMaskedWeight", "StackedVmap", "PerSample",
+           "StackedBatchNorm", "StackedLayerNorm", "StackedMaskedLayer", "StackedVmap", "PerSample",
            "stacked_masked_linear", "stacked_masked_linear_ref", "stacked_masked_conv2d", "stacked_masked_conv2d_ref",
            "pack_stacked_mask", "unpack_stacked_mask"]

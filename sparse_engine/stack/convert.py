@@ -57,7 +57,7 @@ class StackedModel(nn.Module):
 
     def masked_units(self) -> list[tuple[str, object]]:
         """``(name, unit)`` per masked Parameter: the layer itself where ``weight`` is its only masked
-        Parameter, else a ``StackedMaskedWeight`` per Parameter; the names ``sparse_modules`` gives the
+        Parameter, else a ``MaskedWeight`` handle per Parameter; the names ``sparse_modules`` gives the
         unstacked models' units."""
         return [u for n, m in self.masked_layers() for u in m.mask_units(n)]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_engine.nn.conversion import convert_module
-from sparse_engine.nn.masked_module import MaskedModule, mask_buffer_name
+from sparse_engine.nn.masked_module import MaskedModule, MaskedWeight, mask_buffer_name
 from sparse_engine.nn.sparse_conv2d import explicit_padding
 from sparse_engine.ops.masked_weight import masked_weight_for_op
 from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, stacked_packed_shape,
@@ -101,51 +101,10 @@ class StackedLayer(nn.Module):
             child.load_slice_(i, getattr(module, name))
 
 
-class StackedMaskedWeight:
-    """One masked Parameter of a stacked layer that masks several (LSTM, MultiheadAttention): the interface
-    of a single-weight stacked layer (``weight``, ``mask``, ``mask_bits``, ``set_mask``, ``apply_mask_``,
-    ``mask_version``), as ``MaskedWeight`` is for a sparse layer."""
-    __slots__ = ("layer", "name")
-
-    def __init__(self, layer: "StackedMaskedLayer", name: str):
-        self.layer, self.name = layer, name
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return getattr(self.layer, self.name)
-
-    @property
-    def mask_bits(self) -> Tensor:
-        return self.layer.mask_bits_of(self.name)
-
-    @property
-    def mask(self) -> Tensor:
-        return self.layer.mask_of(self.name)
-
-    @property
-    def mask_version(self) -> int:
-        return self.layer._mask_versions[self.name]
-
-    def set_mask(self, mask: Tensor) -> None:
-        self.layer.set_mask(mask, self.name)
-
-    def apply_mask_(self) -> None:
-        self.layer.apply_mask_(self.name)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, StackedMaskedWeight) and other.layer is self.layer and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash((id(self.layer), self.name))
-
-    def __repr__(self) -> str:
-        return f"StackedMaskedWeight({type(self.layer).__name__}.{self.name}, shape={tuple(self.weight.shape)})"
-
-
 class StackedMaskedLayer(StackedLayer):
     """A stacked layer whose masked weights carry one bit-packed mask per model: ``weight`` and its buffer
     ``mask_bits`` (Linear, Conv, ...), or several (``masked_weight_names``: LSTM's ``weight_ih_l0``, ...,
-    with buffers ``<name>_mask_bits``, as in the sparse layers)."""
+    with buffers ``<name>_mask_bits``, as in the sparse layers; ``MaskedWeight`` handles are their units)."""
 
     # The parent computes with this layer's weight without calling its forward (MultiheadAttention's
     # out_proj): the sparse layers it unstacks to are converted as such (``convert_module``).
@@ -200,11 +159,17 @@ class StackedMaskedLayer(StackedLayer):
         for n in self._mask_versions:
             self._mask_versions[n] += 1
 
+    def mask_version_of(self, name: str = "weight") -> int:
+        self.mask_bits_of(name)  # checks the name
+        return self._mask_versions[name]
+
     def mask_units(self, prefix: str) -> list[tuple[str, object]]:
-        """``(name, unit)`` per masked Parameter, named as ``sparse_modules`` names the sparse layer's units."""
+        """``(name, unit)`` per masked Parameter, named as ``sparse_modules`` names the sparse layer's units: the
+        layer itself for ``weight`` alone, else a ``MaskedWeight`` handle (the stacked layer has the methods it
+        calls) per Parameter."""
         if self._masked_names == ("weight",):
             return [(prefix, self)]
-        return [(f"{prefix}.{n}" if prefix else n, StackedMaskedWeight(self, n)) for n in self._masked_names]
+        return [(f"{prefix}.{n}" if prefix else n, MaskedWeight(self, n)) for n in self._masked_names]
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor, name: str = "weight") -> None:
