@@ -3,7 +3,8 @@
 For the demo's MLP (784-300-100-10) and CNN (sparse_engine.models) on Fashion-MNIST-shaped batches
 (B x 1 x 28 x 28, 10 classes), and the zoo's LSTM classifier (embedding 64, two LSTM layers of 128,
 B x 32 tokens; its stacked LSTM layers run whichever of their two implementations dispatch measures
-faster, see sparse_engine.stack.recurrent), K sparse models with different masks (sparsity 0.5 to 0.95) and
+faster, see sparse_engine.stack.recurrent) and transformer (d_model 128, 4 heads, 2 pre-norm encoder
+layers, B x 32 tokens; dropout 0.1, independent per model), K sparse models with different masks (sparsity 0.5 to 0.95) and
 different learning rates, SGD with momentum 0.9. One measured step of
 
   sequential   the K models one after another, as a sweep runs them today: per model zero_grad,
@@ -56,18 +57,18 @@ from record import (add_run_arguments, check_run_arguments, command_line, device
 from timing import cpu_peak_bytes, cuda_peak_bytes, interleaved_ms
 
 from sparse_engine import mask_optimizer, sparse_modules, sparsify
-from sparse_engine.models import fashion_cnn, fashion_mlp, lstm
+from sparse_engine.models import fashion_cnn, fashion_mlp, lstm, transformer
 from sparse_engine.stack import stack
 from sparse_engine.stack.optim import StackedSGD, mask_stacked_optimizer
 
 BENCH = "stack"
-MODELS = {"mlp": fashion_mlp, "cnn": fashion_cnn, "lstm": lstm}
-SEQUENCE = 32  # the LSTM's tokens per example (the zoo model's defaults: vocabulary 1000, 10 classes)
+MODELS = {"mlp": fashion_mlp, "cnn": fashion_cnn, "lstm": lstm, "transformer": transformer}
+SEQUENCE = 32  # tokens per example of the LSTM and transformer (the zoo defaults: vocabulary 1000, 10 classes)
 
 
 def inputs(model: str, k: int, batch: int, g: torch.Generator) -> torch.Tensor:
     """K batches of the model's inputs: Fashion-MNIST-shaped images, or token sequences for the LSTM."""
-    if model == "lstm":
+    if model in ("lstm", "transformer"):
         return torch.randint(0, 1000, (k, batch, SEQUENCE), generator=g)
     return torch.randn(k, batch, 1, 28, 28, generator=g)
 KS, QUICK_KS = (1, 2, 4, 8, 16, 32), (1, 4)
