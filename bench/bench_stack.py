@@ -115,7 +115,7 @@ class Case:
         def loss(params, buffers, x, y):
             return F.cross_entropy(torch.func.functional_call(self.base, (params, buffers), (x,)), y)
 
-        self.vmap_grad = torch.func.vmap(torch.func.grad(loss))
+        self.vmap_grad = torch.func.vmap(torch.func.grad(loss), randomness="different")  # dropout per model
 
     def dense_sequential(self, i: int) -> None:
         x, y = self.batches[i % 2]
