@@ -16,8 +16,8 @@ Both differ only by the rounding of the matmul, within the tolerance the tests h
 kernels to. Like ``torch.backends.cudnn.benchmark``, the first call with a new key (op, shapes,
 dtypes, device, whether a backward follows, the implementation set) times each implementation
 (forward, and backward when gradients are needed, on copies of the inputs: the caller's tensors
-and autograd graph are untouched) and caches the fastest; later calls look it up (``lookup``:
-``masked_linear`` then also skips its argument checks, which passed for that key before).
+and autograd graph are untouched; RNG streams are forked) and caches the fastest; later calls look it
+up (``lookup``: ``masked_linear`` then also skips its argument checks, which passed for that key before).
 
 Control:
 
@@ -140,11 +140,14 @@ def _measure(run: Callable[[str, tuple], torch.Tensor], tensors: tuple) -> str:
                     t.grad = None
 
     times = {impl: [] for impl in IMPLEMENTATIONS}
-    for rep in range(_REPS + 1):
-        for impl in IMPLEMENTATIONS:
-            ms = time_ms(lambda: call(impl), device)
-            if rep:  # the first round warms up (allocations, autotuning)
-                times[impl].append(ms)
+    # Random ops of an implementation (a recurrent layer's dropout) draw while timing: the RNG streams are
+    # left as they were, so a run that measures draws what one that finds the choice cached does.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for rep in range(_REPS + 1):
+            for impl in IMPLEMENTATIONS:
+                ms = time_ms(lambda: call(impl), device)
+                if rep:  # the first round warms up (allocations, autotuning)
+                    times[impl].append(ms)
     return min(IMPLEMENTATIONS, key=lambda impl: min(times[impl]))
 
 

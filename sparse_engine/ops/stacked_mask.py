@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from sparse_engine import _C
-import sparse_engine.ops.masked_weight  # noqa: F401  (registers the masked_weight op's fake and CUDA kernels)
+from sparse_engine.ops.masked_weight import masked_weight_for_op  # also registers the op's fake and CUDA kernels
 from sparse_engine.ops.mask_pack import pack_mask, packed_shape, unpack_mask, unpack_mask_ref
 
 
@@ -56,6 +56,13 @@ def apply_stacked_mask(t: Tensor, mask_bits: Tensor) -> Tensor:
     s, rows = t.shape[:2]
     flat = t.reshape(s * rows, *t.shape[2:])
     return torch.ops.sparse_engine.masked_weight(flat, mask_bits.reshape(s * rows, -1)).view(t.shape)
+
+
+def stacked_masked_weight_for_op(t: Tensor, mask_bits: Tensor) -> Tensor:
+    """``masked_weight_for_op`` of a stacked weight ``(S, rows, ...)``, in its shape: for a torch op that reads it
+    and keeps no alias (differentiable, exact-zero gradients at pruned entries; ``t`` itself on the CPU where
+    its pruned entries are zeros). Model s's rows are rows ``s * rows + r`` of the packed layout."""
+    return masked_weight_for_op(t.flatten(0, 1), mask_bits.flatten(0, 1)).view(t.shape)
 
 
 def stacked_weight_to_read(t: Tensor, mask_bits: Tensor) -> Tensor:

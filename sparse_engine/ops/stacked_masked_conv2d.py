@@ -29,8 +29,8 @@ from sparse_engine.ops import dispatch
 from sparse_engine.ops.autocast import autocast_inputs
 from sparse_engine.ops.masked_conv2d import (_is_int, _out_size, _use_tf32, check_conv_geometry, conv_backward,
                                               conv_setup_context)
-from sparse_engine.ops.masked_weight import masked_weight_for_op
-from sparse_engine.ops.stacked_mask import mask_stacked_grad_, stacked_weight_to_read, unpack_stacked_mask_ref
+from sparse_engine.ops.stacked_mask import (mask_stacked_grad_, stacked_masked_weight_for_op, stacked_weight_to_read,
+                                            unpack_stacked_mask_ref)
 from sparse_engine.ops.stacked_masked_linear import check_stacked_bias, check_stacked_weight
 
 
@@ -72,7 +72,7 @@ def _run_implementation(impl: str, tensors: tuple, conv: tuple) -> Tensor:
         s = weight.shape[0]
         stride, padding, dilation, groups = conv
         if x.device.type == "cpu":  # the vendor convolution once per model, on its masked weight
-            weights = masked_weight_for_op(weight.flatten(0, 1), mask_bits.flatten(0, 1)).view(weight.shape)
+            weights = stacked_masked_weight_for_op(weight, mask_bits)
             biases = [None] * s if bias is None else bias.unbind(0)  # unbind: one backward node, no zero-fills
             return torch.stack([F.conv2d(xk, wk, bk, stride, padding, dilation, groups)
                                 for xk, wk, bk in zip(x.unbind(0), weights.unbind(0), biases)])

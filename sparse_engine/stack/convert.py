@@ -1,6 +1,6 @@
 """``stack(models)`` and ``unstack(stacked)``: K models of one architecture <-> one stacked model."""
 import copy
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -131,13 +131,10 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     """
     models = _check_models(models)
     check_stackable(models[0], "models")
-    memo, inner = {}, set()
-    for name, module in models[0].named_modules():
-        if id(module) in inner:  # held by a stacked layer (MultiheadAttention's out_proj): it stacks it
-            continue
+    memo = {}
+    # a stacked layer stacks the layers it holds (MultiheadAttention's out_proj): not visited on their own
+    for name, module in _named_outer(models[0], lambda m: id(m) in memo):
         cls = stacked_type(module)
-        if cls is not None or not module._modules:
-            inner.update(id(c) for c in module.modules() if c is not module)
         if cls is not None:
             memo[id(module)] = cls.from_modules([m.get_submodule(name) for m in models])
         elif not module._modules:
@@ -150,17 +147,23 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     return stacked
 
 
-def stacked_layers(module: nn.Module) -> list[nn.Module]:
-    """The stacked layers (and ``PerSample`` wrappers) of a stacked module tree, not those held inside
-    another stacked layer (which the holder unstacks)."""
-    out, inner = [], set()
-    for m in module.modules():
+def _named_outer(module: nn.Module, holds: Callable[[nn.Module], bool]):
+    """``module.named_modules()`` without the descendants of the modules for which ``holds`` is true (asked
+    after the caller has handled the module)."""
+    inner = set()
+    for name, m in module.named_modules():
         if id(m) in inner:
             continue
-        if isinstance(m, (StackedLayer, PerSample)):
-            out.append(m)
+        yield name, m
+        if holds(m):
             inner.update(id(c) for c in m.modules() if c is not m)
-    return out
+
+
+def stacked_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of the stacked layers (and ``PerSample`` wrappers) of a stacked module tree, not those
+    held inside another stacked layer (which the holder unstacks)."""
+    is_stacked = lambda m: isinstance(m, (StackedLayer, PerSample))  # noqa: E731
+    return [(n, m) for n, m in _named_outer(module, is_stacked) if is_stacked(m)]
 
 
 def unstack(stacked: StackedModel) -> list[nn.Module]:
@@ -169,7 +172,7 @@ def unstack(stacked: StackedModel) -> list[nn.Module]:
     mask was set in the stack to prune something."""
     if not isinstance(stacked, StackedModel):
         raise TypeError(f"stacked: expected a StackedModel (from stack), got {type(stacked).__name__}")
-    layers = stacked_layers(stacked.module)
+    layers = [m for _, m in stacked_layers(stacked.module)]
     out = []
     with torch.no_grad():
         for i in range(stacked.num_models):

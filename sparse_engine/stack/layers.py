@@ -18,9 +18,8 @@ from torch import Tensor, nn
 from sparse_engine.nn.conversion import convert_module
 from sparse_engine.nn.masked_module import MaskedModule, MaskedWeight, mask_buffer_name
 from sparse_engine.nn.sparse_conv2d import explicit_padding
-from sparse_engine.ops.masked_weight import masked_weight_for_op
-from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, stacked_packed_shape,
-                                            unpack_stacked_mask)
+from sparse_engine.ops.stacked_mask import (apply_stacked_mask, pack_stacked_mask, stacked_masked_weight_for_op,
+                                            stacked_packed_shape, unpack_stacked_mask)
 from sparse_engine.ops.stacked_masked_conv2d import stacked_masked_conv2d
 from sparse_engine.ops.stacked_masked_linear import stacked_masked_linear
 
@@ -195,8 +194,7 @@ class StackedMaskedLayer(StackedLayer):
         """``W*M`` of every model for Parameter ``name`` (or for ``weight``, a tensor of its shape), shaped as the
         stacked weight, for a torch op that reads it and keeps no alias (``masked_weight_for_op``: exact-zero
         gradients at pruned entries)."""
-        w = getattr(self, name) if weight is None else weight
-        return masked_weight_for_op(w.flatten(0, 1), self.mask_bits_of(name).flatten(0, 1)).view(w.shape)
+        return stacked_masked_weight_for_op(getattr(self, name) if weight is None else weight, self.mask_bits_of(name))
 
     def as_sparse(self, layer: nn.Module, names: tuple) -> nn.Module:
         """``layer`` (a copy of the prototype) with masks on exactly the Parameters ``names`` (dense if none)."""

@@ -66,7 +66,7 @@ def model_views(stacked: StackedModel) -> list[nn.Module]:
     what is written into view k (``set_mask``, in-place weight changes) is written into model k of the stack."""
     if not isinstance(stacked, StackedModel):
         raise TypeError(f"stacked: expected a StackedModel, got {type(stacked).__name__}")
-    layers = stacked_layers(stacked.module)
+    layers = [m for _, m in stacked_layers(stacked.module)]
     views = []
     for i in range(stacked.num_models):
         memo = {id(m): (_view_layer(m, i) if isinstance(m, StackedLayer) else m.unstacked(i)) for m in layers}

@@ -15,7 +15,7 @@ implementations give the same result up to rounding, chosen per call shape by me
   LSTM beats a recurrence of small batched products, it is what keeps a stacked LSTM as fast as the models
   one after another.
 
-The measurement runs on copies (``dispatch``) inside ``torch.random.fork_rng``: dropout draws while timing
+The measurement runs on copies, inside ``torch.random.fork_rng`` (``dispatch``): dropout draws while timing
 do not move the RNG streams. Under ``torch.autocast`` the layer always runs torch's kernel per model, so it
 casts as ``nn.LSTM``/``nn.GRU``/``nn.RNN`` do on that device (under ``torch.compile`` that is a graph break,
 as for torch's own recurrent layers). Inputs carry the model axis first: ``(S, B, T, F)`` with ``batch_first``,
@@ -93,14 +93,8 @@ class _StackedRNNBase(StackedMaskedLayer):
         names = self._flat_weights_names
         tensors = (x, h0, c0) + tuple(getattr(self, n) for n in names)
         # Under autocast, torch's own kernel per model: its cast policy (per op and device) is nn.LSTM's/GRU's
-        impl = "materialized" if torch.is_autocast_enabled(x.device.type) else dispatch.lookup(self._OP, tensors)
-        if impl is None:
-            run = lambda i, ts: self._run(i, ts[0], ts[1], ts[2], ts[3:])[0]  # noqa: E731
-            if torch.compiler.is_compiling() or dispatch.pinned() is not None:  # nothing is measured
-                impl = dispatch.choose(self._OP, run, tensors)
-            else:  # measuring runs dropout: leave the RNG streams as they were
-                with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                    impl = dispatch.choose(self._OP, run, tensors)
+        impl = "materialized" if torch.is_autocast_enabled(x.device.type) else dispatch.choose(
+            self._OP, lambda i, ts: self._run(i, ts[0], ts[1], ts[2], ts[3:])[0], tensors)
         out, h_n, c_n = self._run(impl, x, h0, c0, tensors[3:])
         output = out.transpose(1, 2) if batched and self.batch_first else out
         if not batched:

@@ -104,9 +104,7 @@ class _Stack:
         trials = [m.trial for m in members]
         self.device = trials[0].device
         self.model = stack([t.model for t in trials])
-        layers = {id(m) for m in stacked_layers(self.model.module)}
-        self.layers = [(n, m) for n, m in self.model.module.named_modules() if id(m) in layers
-                       and isinstance(m, StackedLayer)]
+        self.layers = [(n, m) for n, m in stacked_layers(self.model.module) if isinstance(m, StackedLayer)]
         self.optimizer = stacked_optimizer(self.model, [t.config["pretrain" if t.pretrain else "train"]["optimizer"]
                                                         for t in trials])
         mask_stacked_optimizer(self.optimizer, self.model)
