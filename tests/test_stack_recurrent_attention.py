@@ -139,6 +139,23 @@ def test_recurrent_implementation_is_measured_without_drawing_random_numbers():
         dispatch.pin(previous)
 
 
+def test_recurrent_implementation_is_chosen_once_per_model_shape():
+    """Stacks of any size take the choice made for the first: a sweep resumes trials in stacks of other sizes,
+    and the implementations differ in the last bits."""
+    previous = dispatch.pinned()
+    dispatch.pin(None)
+    try:
+        dispatch.clear()
+        x = torch.randn(6, 3, 4)
+        stack([nn.Sequential(nn.GRU(4, 5)) for _ in range(2)])(x, broadcast=True)
+        keys = [k for k in dispatch.choices() if k.startswith("stacked_rnn|")]
+        assert len(keys) == 1 and "(6, 3, 4)" in keys[0]  # one model's input shape, not (2, 6, 3, 4)
+        stack([nn.Sequential(nn.GRU(4, 5)) for _ in range(5)])(x, broadcast=True)
+        assert [k for k in dispatch.choices() if k.startswith("stacked_rnn|")] == keys
+    finally:
+        dispatch.pin(previous)
+
+
 def test_recurrent_dropout_is_independent_per_model(rnn_impl):
     layers = [nn.Sequential(nn.LSTM(4, 32, num_layers=2, dropout=0.5)) for _ in range(K)]
     for m in layers[1:]:

@@ -1,5 +1,6 @@
 """Sweeps with model stacking (``--stack K``): trials packed into stacked models give the results they give
 alone, are recorded and checkpointed as their own, resume exactly after kill -9, and fail alone."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,36 @@ def test_stacked_sweep_of_a_recurrent_attention_model(tmp_path, tmp_path_factory
     assert_close_results(records(tmp_path), records(reference), tmp_path, reference)
     pruned = [r for r in records(tmp_path).values() if r["kind"] == "prune"]
     assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "attn.in_proj_weight", "attn.out_proj"} <= set(pruned[0]["layers"])
+
+
+def test_dispatch_choices_are_shared_through_the_sweep_directory(tmp_path, data):
+    """The masked ops' measured choices (ops.dispatch) are written to DIR/dispatch.json before the checkpoints
+    that computed with them, and a worker (a resumed run) takes them from there, keeping those it has made."""
+    from sparse_engine.ops import dispatch
+    from sparse_engine.sweep.runner import load_dispatch_choices
+    text = h.tiny_sweep_text(data).replace('name = "second_order_mlp"', 'name = "sweep_helpers:row_rnn"')
+    text = text.replace("seed = [0, 1]", "seed = [0]")
+    previous = dispatch.pinned()
+    dispatch.pin(None)
+    try:
+        dispatch.clear()
+        run_stacked(text, tmp_path, stack=4)
+        mine = dispatch.choices()
+        assert any(k.startswith("stacked_rnn|") for k in mine) and any(k.startswith("masked_linear|") for k in mine)
+        shared = json.loads((tmp_path / "dispatch.json").read_text())["choices"]
+        assert shared == mine
+        dispatch.clear()
+        load_dispatch_choices(Store(tmp_path))
+        assert dispatch.choices() == shared
+        key = next(iter(shared))
+        other = "fused" if shared[key] == "materialized" else "materialized"
+        dispatch.clear()
+        dispatch._cache[key] = other  # a choice this process has made already
+        load_dispatch_choices(Store(tmp_path))
+        assert dispatch.choices()[key] == other
+    finally:
+        dispatch.clear()
+        dispatch.pin(previous)
 
 
 def test_a_stacked_trials_checkpoint_resumes_alone(tmp_path, data):

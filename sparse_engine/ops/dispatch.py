@@ -88,14 +88,16 @@ def save(path: Union[str, Path]) -> None:
     Path(path).write_text(json.dumps({"version": 1, "choices": _cache}, indent=1, sort_keys=True))
 
 
-def load(path: Union[str, Path]) -> None:
-    """Merge the choices saved by :func:`save` at ``path`` into the cache."""
+def load(path: Union[str, Path], keep_mine: bool = False) -> None:
+    """Merge the choices saved by :func:`save` at ``path`` into the cache (with ``keep_mine``, not over the
+    choices this process has already made)."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("choices"), dict):
         raise ValueError(f"path: {str(path)!r} is not a dispatch cache written by sparse_engine.ops.dispatch.save")
     for key, impl in data["choices"].items():
         _check_implementation(impl, f"path: {str(path)!r}: choice for {key!r}")
-        _cache[key] = impl
+        if not (keep_mine and key in _cache):
+            _cache[key] = impl
     _fast.clear()
 
 
@@ -183,17 +185,21 @@ def lookup(op: str, tensors: tuple, extra: tuple = ()) -> Optional[str]:
         return None
 
 
-def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, extra: tuple = ()) -> str:
+def choose(op: str, run: Callable[[str, tuple], torch.Tensor], tensors: tuple, extra: tuple = (),
+           key_tensors: Optional[tuple] = None) -> str:
     """The implementation to run ``op`` on ``tensors`` with: the pinned one, else the cached choice
-    for the call's key, else measured now with ``run(implementation, tensors)`` and cached."""
+    for the call's key, else measured now with ``run(implementation, tensors)`` and cached.
+    ``key_tensors`` (default ``tensors``): the tensors whose shapes, dtypes and devices the key holds,
+    when the choice must not depend on all of ``tensors``' (a stacked op's number of models)."""
     if _pinned is not None:
         return _pinned
     if torch.compiler.is_compiling():
         return "fused"
-    fast = _fast_key(op, tensors, extra)
+    keyed = tensors if key_tensors is None else key_tensors
+    fast = _fast_key(op, keyed, extra)
     impl = _fast.get(fast)
     if impl is None:
-        key = cache_key(op, tensors, extra)
+        key = cache_key(op, keyed, extra)
         impl = _cache.get(key)
         if impl is None:
             impl = _cache[key] = _measure(run, tensors)

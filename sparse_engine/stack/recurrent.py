@@ -3,8 +3,8 @@ layers, bidirectional, ``proj_size``, ``bias=False``, dropout, ``batch_first``, 
 model with its own masks on every weight matrix, computed together.
 
 Each weight is masked once per call (``masked_weight_for_op``: exact-zero gradients at pruned entries). Two
-implementations give the same result up to rounding, chosen per call shape by measurement
-(``sparse_engine.ops.dispatch``, op ``"stacked_rnn"``; ``dispatch.pin`` fixes one):
+implementations give the same result up to rounding, chosen by measurement once per model shape, whatever the
+number of models (``sparse_engine.ops.dispatch``, op ``"stacked_rnn"``; ``dispatch.pin`` fixes one):
 
 * ``"fused"``: the recurrence written out with batched matrix products over the model axis: per layer and
   direction, the input projection of all time steps is one ``baddbmm`` over the S models, then each time
@@ -93,8 +93,11 @@ class _StackedRNNBase(StackedMaskedLayer):
         names = self._flat_weights_names
         tensors = (x, h0, c0) + tuple(getattr(self, n) for n in names)
         # Under autocast, torch's own kernel per model: its cast policy (per op and device) is nn.LSTM's/GRU's
+        # Keyed by one model's shapes, not the number of models: the models of a trial compute alike in
+        # stacks of any size (a sweep resumes trials in stacks of other sizes; the two differ in the last bits).
         impl = "materialized" if torch.is_autocast_enabled(x.device.type) else dispatch.choose(
-            self._OP, lambda i, ts: self._run(i, ts[0], ts[1], ts[2], ts[3:])[0], tensors)
+            self._OP, lambda i, ts: self._run(i, ts[0], ts[1], ts[2], ts[3:])[0], tensors,
+            key_tensors=tuple(None if t is None else t[0] for t in tensors))
         out, h_n, c_n = self._run(impl, x, h0, c0, tensors[3:])
         output = out.transpose(1, 2) if batched and self.batch_first else out
         if not batched:

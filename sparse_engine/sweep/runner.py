@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+from sparse_engine.ops import dispatch
 from sparse_engine.sweep.journal import StoreError
 from sparse_engine.sweep.provenance import git_sha, library_version
 from sparse_engine.sweep.plan import TrialSpec
@@ -90,6 +91,26 @@ class Watchdog:
         self.stopped.set()
 
 
+_shared_choices: dict = {}  # sweep directory -> the dispatch choices this process has written to its dispatch.json
+
+
+def share_dispatch_choices(store: Store) -> None:
+    """Record the masked ops' implementation choices this process measured (``ops.dispatch``) in the sweep
+    directory, where a resumed trial finds them (:func:`load_dispatch_choices`): measurement on another
+    process could choose otherwise, and the implementations differ in the last bits."""
+    choices = dispatch.choices()
+    shared = _shared_choices.setdefault(str(store.dir.resolve()), {})
+    if choices.items() - shared.items():
+        store.share_dispatch_choices(choices)
+        shared.update(choices)
+
+
+def load_dispatch_choices(store: Store) -> None:
+    """Use the choices recorded in the sweep directory (those this process has not made itself)."""
+    if store.dispatch_path.exists():
+        dispatch.load(store.dispatch_path, keep_mine=True)  # a choice already used here is kept
+
+
 class TrialRecorder:
     """Records one trial's progress in the store (module docstring)."""
 
@@ -116,6 +137,7 @@ class TrialRecorder:
     def epoch_done(self, trial, metrics: dict) -> None:
         if trial.epoch % self.env.checkpoint_every == 0 or trial.epoch >= trial.epochs:
             exit_if_orphaned(self.env)
+            share_dispatch_choices(self.store)  # before the checkpoint that computed with them
             save_torch(trial.state_dict(), self.store.checkpoint(self.spec.id))
         self._append("epoch", epoch=trial.epoch, metrics=metrics)
 
@@ -199,5 +221,6 @@ def run_unit(unit: list, env: WorkerEnv) -> list:
     if env.device.startswith("cuda") and ":" in env.device:
         torch.cuda.set_device(torch.device(env.device))
     size = max(k for k in UNIT_RUNNERS if k <= max(len(unit), 1))
+    load_dispatch_choices(Store(env.directory))
     with Watchdog(env):
         return UNIT_RUNNERS[size](unit, env)

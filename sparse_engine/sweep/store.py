@@ -9,6 +9,8 @@
     DIR/trials/ID/checkpoint.pt the last epoch checkpoint of a running or interrupted trial
     DIR/trials/ID/model.pt      the final model's state_dict (masks included) of a finished trial
     DIR/.lock                   held by the coordinating process while it runs
+    DIR/dispatch.json           the masked ops' measured implementation choices (ops.dispatch), shared by
+                                the workers, so a resumed trial computes as it did before the interruption
 
 Files are replaced atomically (written to a temporary file in the same directory, fsynced,
 renamed, the directory fsynced), so a crash leaves the old version or the new one, never a torn
@@ -137,6 +139,34 @@ class Store:
 
     def lock(self) -> FileLock:
         return FileLock(self.dir / ".lock")
+
+    @property
+    def dispatch_path(self) -> Path:
+        return self.dir / "dispatch.json"
+
+    def share_dispatch_choices(self, choices: dict) -> None:
+        """Add ``choices`` (``ops.dispatch.choices()``) to ``dispatch.json``, under an exclusive lock: the keys it
+        lacks; a recorded choice is never changed (the trials that used it may resume from checkpoints)."""
+        try:
+            fd = os.open(self.dir / ".dispatch.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise store_error("create the lock file", self.dir / ".dispatch.lock", e) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)  # blocking: held only for a read and a small write
+            try:
+                shared = json.loads(self.dispatch_path.read_text())["choices"]
+            except FileNotFoundError:
+                shared = {}
+            merged = {**choices, **shared}
+            if merged != shared:
+                atomic_write(self.dispatch_path, json.dumps({"version": 1, "choices": merged}, indent=1,
+                                                            sort_keys=True).encode())
+        except OSError as e:
+            raise store_error("update", self.dispatch_path, e) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(5, f"cannot read {self.dispatch_path}: {e!r}") from None
+        finally:
+            os.close(fd)
 
     def trial_lock(self, trial: str) -> FileLock:
         directory = self.trial_dir(trial)
