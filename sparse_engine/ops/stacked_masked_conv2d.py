@@ -62,8 +62,11 @@ def stacked_masked_conv2d(x: Tensor, weight: Tensor, mask_bits: Tensor, bias: Op
     stride, padding, dilation = check_conv_geometry(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     conv = (stride, padding, dilation, groups)
     run = functools.partial(_run_implementation, conv=conv)
-    impl = dispatch.choose("stacked_masked_conv2d", run, (x, weight, mask_bits, bias), extra=conv)
-    return run(impl, (x, weight, mask_bits, bias))
+    tensors = (x, weight, mask_bits, bias)
+    # keyed by one model's shapes: a model computes alike in stacks of any size (a sweep resumes in other sizes)
+    impl = dispatch.choose("stacked_masked_conv2d", run, tensors, extra=conv,
+                           key_tensors=tuple(None if t is None else t[0] for t in tensors))
+    return run(impl, tensors)
 
 
 def _run_implementation(impl: str, tensors: tuple, conv: tuple) -> Tensor:
